@@ -1,0 +1,48 @@
+# The two README commands: `make test` and `make bench`. Each sets up .venv on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CUDA_VENV := .venv-cuda
+CUDA_PY := $(CUDA_VENV)/bin/python
+CUDA_HOME ?= /usr/local/cuda
+export MAX_JOBS ?= 2
+
+SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' 2>/dev/null)
+
+.PHONY: all build test bench lint cuda-check clean
+
+all: test
+
+$(VENV)/.ready: requirements/dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements/dev.txt
+	touch $@
+
+# The CPU build of torch has no CUDA, so this builds the CPU kernels only.
+build: $(VENV)/.ready $(SOURCES)
+	$(PY) setup.py --quiet build_ext --inplace
+
+test: build
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -ra tests
+
+bench: build
+	$(PY) -m benchmarks --preset quick
+
+lint: $(VENV)/.ready
+	$(VENV)/bin/ruff check alchemy_ops tests benchmarks tools setup.py
+	$(VENV)/bin/ruff format --check alchemy_ops tests benchmarks tools setup.py
+
+# Builds every .cu for sm_80 and sm_90 against the CUDA build of torch, fails on register
+# spills or stack frames, prints the register table, and checks every op has a CUDA kernel.
+$(CUDA_VENV)/.ready: requirements/cuda-check.txt
+	test -x $(CUDA_PY) || $(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_PY) -m pip install --quiet --upgrade pip
+	$(CUDA_PY) -m pip install --quiet -r requirements/cuda-check.txt
+	touch $@
+
+cuda-check: $(CUDA_VENV)/.ready
+	CUDA_HOME=$(CUDA_HOME) PATH=$(CUDA_HOME)/bin:$$PATH $(CUDA_PY) tools/cuda_check.py
+
+clean:
+	rm -rf build alchemy_ops/_C*.so

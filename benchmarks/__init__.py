@@ -1,0 +1,1 @@
+"""alchemy_ops benchmark suite: ``python -m benchmarks`` (``make bench``)."""

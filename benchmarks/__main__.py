@@ -1,0 +1,116 @@
+"""``python -m benchmarks [--preset quick|full] [--ops ...] [--dtype ...] [--device ...]``
+
+Times every provider of every case in this one process and environment, checks each provider's
+output against the first (alchemy_ops) once before timing, and writes
+benchmarks/results/<preset>.json and a PNG drawn from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import cases as case_defs
+from .harness import copy_bandwidth, machine, time_fn
+
+PRESETS = {
+    # shapes, dtypes, warmup, reps
+    "tiny": ([(64, 1000)], [torch.float32], 1, 3),
+    "quick": ([(4096, 32000)], [torch.float32, torch.bfloat16], 2, 7),
+    "full": ([(4096, 1024), (4096, 32000), (1024, 131072), (256, 262144)], [torch.float32, torch.bfloat16], 3, 15),
+}
+RESULTS = Path(__file__).parent / "results"
+
+
+def _check(reference, candidate, dtype) -> None:
+    tol = {torch.float32: 1e-4, torch.float64: 1e-8}.get(dtype, 3e-2)
+    for a, b in zip(reference, candidate):
+        if a is not None and b is not None:
+            torch.testing.assert_close(b.float(), a.float(), atol=tol * max(1.0, a.float().abs().max().item()), rtol=tol)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    p.add_argument("--ops", nargs="*", default=None, help="e.g. log_softmax softmax")
+    p.add_argument("--dtype", nargs="*", default=None, help="e.g. float32 bfloat16")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+    p.add_argument("--output", type=Path, default=None, help="results JSON (default benchmarks/results/<preset>.json)")
+    args = p.parse_args(argv)
+
+    shapes, dtypes, warmup, reps = PRESETS[args.preset]
+    if args.dtype:
+        dtypes = [getattr(torch, d) for d in args.dtype]
+    cases = case_defs.softmax_cases(shapes, dtypes, args.device, compile_baseline=not args.no_compile)
+    if args.ops:
+        cases = [c for c in cases if c.op in args.ops]
+
+    info = machine()
+    largest = max(torch.Size(c.shape).numel() * c.dtype.itemsize for c in cases)
+    bandwidth = copy_bandwidth(max(largest, 1 << 26), args.device)
+    print(f"machine: {info['cpu']} | {info['cores']} cores, {info['torch_threads']} torch threads | torch {info['torch']}"
+          f" | THP_MEM_ALLOC_ENABLE={info['THP_MEM_ALLOC_ENABLE']} | copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+
+    rows = []
+    started = time.perf_counter()
+    for i, case in enumerate(cases, 1):
+        gen = torch.Generator(device=args.device).manual_seed(0)
+        x = torch.randn(case.shape, device=args.device, dtype=case.dtype, generator=gen) * 3
+        must_move = case.passes * x.numel() * x.element_size()
+        reference = None
+        for provider, fn in case.providers.items():
+            print(f"\r[{i}/{len(cases)}] {case.name}: {provider:<14}", end="", file=sys.stderr, flush=True)
+            out = fn(x)
+            if reference is None:
+                reference = out
+            else:
+                _check(reference, out, case.dtype)
+            del out
+            t = time_fn(lambda fn=fn: fn(x), args.device, warmup, reps)
+            rows.append({
+                "op": case.op, "mode": case.mode, "dtype": str(case.dtype).removeprefix("torch."),
+                "shape": list(case.shape), "provider": provider,
+                "median_ms": t.median_s * 1e3, "p20_ms": t.p20_s * 1e3, "p80_ms": t.p80_s * 1e3,
+                "cpu_ms": t.cpu_s * 1e3, "cpu_per_wall": t.cpu_per_wall,
+                "gb_per_s": must_move / t.median_s / 1e9, "roofline": must_move / t.median_s / bandwidth,
+            })  # fmt: skip
+    print(f"\r{' ' * 80}\r", end="", file=sys.stderr)
+    for r in rows:
+        ours = next(o for o in rows if o["provider"] == "alchemy_ops" and all(o[k] == r[k] for k in ("op", "mode", "dtype", "shape")))
+        r["alchemy_speedup"] = r["median_ms"] / ours["median_ms"]
+    _print_table(rows)
+    out = args.output or RESULTS / f"{args.preset}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": info, "copy_bandwidth_gb_s": bandwidth / 1e9, "preset": args.preset,
+                               "seconds": time.perf_counter() - started, "results": rows}, indent=1))
+    print(f"results: {out}")
+    try:
+        from .plots import plot
+
+        print(f"plot: {plot(out)}")
+    except ImportError as e:
+        print(f"plot skipped ({e})")
+    return 0
+
+
+def _print_table(rows: list[dict]) -> None:
+    header = f"{'case':<44} {'provider':<14} {'median ms':>9} {'p20-p80 ms':>15} {'cpu/wall':>8} {'GB/s':>6} {'roofline':>8} {'ours x faster':>13}"
+    last = None
+    for r in rows:
+        case = f"{r['op']} {r['mode']} {r['dtype']} {'x'.join(map(str, r['shape']))}"
+        if case != last:
+            print("\n" + header if last is None else "")
+            last = case
+        speed = "" if r["provider"] == "alchemy_ops" else f"{r['alchemy_speedup']:.2f}x"
+        print(f"{case:<44} {r['provider']:<14} {r['median_ms']:>9.1f} {r['p20_ms']:>7.1f}-{r['p80_ms']:<7.1f} "
+              f"{r['cpu_per_wall']:>8.2f} {r['gb_per_s']:>6.1f} {r['roofline']:>8.0%} {speed:>13}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,85 @@
+"""Timing, bandwidth and machine description shared by the benchmark cases."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Timing:
+    median_s: float
+    p20_s: float
+    p80_s: float
+    cpu_s: float  # process user+sys per call, over the same calls
+
+    @property
+    def cpu_per_wall(self) -> float:
+        return self.cpu_s / self.median_s
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fn(fn: Callable[[], object], device: str, warmup: int, reps: int) -> Timing:
+    """Wall time per call (median, p20, p80) and the process CPU time over the same calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    walls = []
+    cpu0 = time.process_time()
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        walls.append(time.perf_counter() - t0)
+    cpu = (time.process_time() - cpu0) / reps
+    q = statistics.quantiles(walls, n=5) if len(walls) >= 2 else [walls[0]] * 4
+    return Timing(statistics.median(walls), q[0], q[3], cpu)
+
+
+def copy_bandwidth(nbytes: int, device: str, reps: int = 5) -> float:
+    """Bytes/s of a large copy (read + write) into an existing buffer: the roofline of this run."""
+    src = torch.ones(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), device, warmup=2, reps=reps)
+    return 2 * src.nbytes / t.median_s
+
+
+def machine() -> dict:
+    cpu_model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu_model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {
+        "cpu": cpu_model,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            info["transparent_hugepage"] = f.read().strip()
+    except OSError:
+        pass
+    return info

@@ -1,0 +1,40 @@
+// The table of contents of alchemy_ops: every operator schema, once.
+//
+// Kernels: csrc/cpu/<op>.cpp (CPU), csrc/cuda/<op>.cu (CUDA), and for the
+// triton_* schemas alchemy_ops/triton/<op>.py (registered from Python).
+// Fake kernels and autograd formulas are registered from Python
+// (alchemy_ops/_ops.py and the per-op modules).
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(alchemy_ops, m) {
+  // (log-)softmax(input / temperature) along dim; dtype casts the input first,
+  // as in torch.softmax. backward returns the gradient wrt the cast input.
+  m.def("softmax_forward(Tensor input, int dim, float temperature, bool log, ScalarType? dtype) -> Tensor");
+  m.def("softmax_backward(Tensor grad_output, Tensor output, int dim, float temperature, bool log) -> Tensor");
+  m.def("triton_softmax_forward(Tensor input, int dim, float temperature, bool log, ScalarType? dtype) -> Tensor");
+  m.def("triton_softmax_backward(Tensor grad_output, Tensor output, int dim, float temperature, bool log) -> Tensor");
+}
+
+#ifndef ALCHEMY_CPU_CAPABILITY
+#define ALCHEMY_CPU_CAPABILITY "DEFAULT"
+#endif
+
+// `import alchemy_ops._C` loads the operators above; the module also records how it was built.
+static PyModuleDef alchemy_module = {PyModuleDef_HEAD_INIT, "_C", "alchemy_ops compiled kernels", -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C() {
+  PyObject* module = PyModule_Create(&alchemy_module);
+  if (module == nullptr) return nullptr;
+#ifdef ALCHEMY_WITH_CUDA
+  const int with_cuda = 1;
+#else
+  const int with_cuda = 0;
+#endif
+  if (PyModule_AddStringConstant(module, "cpu_capability", ALCHEMY_CPU_CAPABILITY) < 0 ||
+      PyModule_AddObject(module, "with_cuda", PyBool_FromLong(with_cuda)) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

@@ -1,0 +1,314 @@
+// CPU kernels of softmax_forward / softmax_backward: (log-)softmax(x / T) along
+// one dim, one read of x for the online statistics and one write of the output.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <alchemy/online_softmax.h>
+#include <alchemy/softmax_host.h>
+
+#include "huge_pages.h"
+#include <alchemy/row_layout.h>
+#include "vec_math.h"
+
+namespace alchemy::cpu {
+namespace {
+
+// Vectors per online-softmax step: held in registers while their max is taken
+// and then exponentiated, so one exp per element and one rescale per step.
+constexpr int kVecsPerStep = 8;
+
+// Adds the N vectors at x to lane sums kept under `stats.max` (the row max so far).
+template <int N, typename scalar_t>
+inline void stats_step(const scalar_t* x, SoftmaxStats<acc_type<scalar_t>>& stats, AccVec<scalar_t>& vsum,
+                       acc_type<scalar_t> inv_t) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = AccVec<scalar_t>;
+  Vec v[N];
+  ALCHEMY_UNROLL
+  for (int j = 0; j < N; ++j) v[j] = load_acc(x + j * Vec::size());
+  Vec vmax = v[0];
+  ALCHEMY_UNROLL
+  for (int j = 1; j < N; ++j) vmax = nan_maximum(vmax, v[j]);
+  const acc_t new_max = nan_max(stats.max, reduce_max(vmax));
+  if (new_max != stats.max) vsum = vsum * Vec(rescale_factor(stats.max, new_max, inv_t));
+  stats.max = new_max;
+  // NaN or +inf make the row degenerate (see output_constants), so exp's NaN
+  // handling does not matter here; -inf entries give exp(-inf) = 0.
+  const Vec shift(finite_shift(new_max)), vinv(inv_t);
+  ALCHEMY_UNROLL
+  for (int j = 0; j < N; ++j) v[j] = ((v[j] - shift) * vinv).exp_u20();
+  ALCHEMY_UNROLL
+  for (int w = 1; w < N; w *= 2)  // pairwise: short dependency chains
+    ALCHEMY_UNROLL
+    for (int j = 0; j + w < N; j += 2 * w) v[j] = v[j] + v[j + w];
+  vsum = vsum + v[0];
+}
+
+// Rows path: statistics of one contiguous row x[0..C).
+template <typename scalar_t>
+SoftmaxStats<acc_type<scalar_t>> row_stats(const scalar_t* x, int64_t C, acc_type<scalar_t> inv_t) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = AccVec<scalar_t>;
+  constexpr int64_t kVec = Vec::size();
+  SoftmaxStats<acc_t> stats = empty_stats<acc_t>();
+  Vec vsum(0);
+  int64_t c = 0;
+  for (; c + kVecsPerStep * kVec <= C; c += kVecsPerStep * kVec) stats_step<kVecsPerStep>(x + c, stats, vsum, inv_t);
+  for (; c + kVec <= C; c += kVec) stats_step<1>(x + c, stats, vsum, inv_t);
+  stats.sum = reduce_sum(vsum);
+  for (; c < C; ++c) {
+    const acc_t tail[1] = {static_cast<acc_t>(x[c])};
+    stats = accumulate(stats, tail, inv_t);
+  }
+  return stats;
+}
+
+template <typename in_t, typename out_t, bool kLog>
+void forward_row(const in_t* x, out_t* y, int64_t C, acc_type<in_t> inv_t) {
+  using acc_t = acc_type<in_t>;
+  using Vec = AccVec<in_t>;
+  constexpr int64_t kVec = Vec::size();
+  const SoftmaxOutput<acc_t> k = output_constants(row_stats(x, C, inv_t));
+  // A degenerate row has NaN constants, which the products below carry to every output.
+  const Vec shift(k.shift), vinv(inv_t), neg_log_sum(-k.log_sum), inv_sum(k.inv_sum);
+  int64_t c = 0;
+  for (; c + kVec <= C; c += kVec) {
+    const Vec d = load_acc(x + c) - shift;  // exact near the max, unlike x * inv_t - shift * inv_t
+    store_acc(y + c, kLog ? at::vec::fmadd(d, vinv, neg_log_sum) : (d * vinv).exp_u20() * inv_sum);
+  }
+  for (; c < C; ++c) y[c] = static_cast<out_t>(softmax_output<kLog>(static_cast<acc_t>(x[c]), k, inv_t));
+}
+
+template <typename scalar_t, bool kLog>
+void backward_row(const scalar_t* dy, const scalar_t* y, scalar_t* dx, int64_t C,
+                  acc_type<scalar_t> inv_t) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = AccVec<scalar_t>;
+  constexpr int64_t kVec = Vec::size();
+  Vec vdot(0);
+  int64_t c = 0;
+  for (; c + kVec <= C; c += kVec) {
+    const Vec g = load_acc(dy + c);
+    vdot += kLog ? g : g * load_acc(y + c);
+  }
+  acc_t dot = reduce_sum(vdot);
+  for (; c < C; ++c) dot += grad_dot_term<kLog>(static_cast<acc_t>(dy[c]), static_cast<acc_t>(y[c]));
+  const Vec vd(dot), vinv(inv_t);
+  for (c = 0; c + kVec <= C; c += kVec) {
+    const Vec g = load_acc(dy + c), out = load_acc(y + c);
+    store_acc(dx + c, kLog ? (g - fast_exp(out) * vd) * vinv : out * (g - vd) * vinv);
+  }
+  for (; c < C; ++c)
+    dx[c] = static_cast<scalar_t>(
+        softmax_grad<kLog>(static_cast<acc_t>(dy[c]), static_cast<acc_t>(y[c]), dot, inv_t));
+}
+
+// Lanes path: kVec adjacent rows (unit stride along `inner`) reduced together
+// while looping over the classes at stride `cls`.
+template <typename in_t, typename out_t, bool kLog>
+void forward_lanes(const in_t* x, out_t* y, int64_t C, int64_t xs, int64_t ys,
+                   acc_type<in_t> inv_t) {
+  using acc_t = acc_type<in_t>;
+  using Vec = AccVec<in_t>;
+  const Vec vinv(inv_t), zero(0), ninf(neg_inf<acc_t>());
+  Vec vmax = ninf, vsum = zero;
+  for (int64_t c = 0; c < C; c += kVecsPerStep) {
+    const int64_t n = std::min<int64_t>(kVecsPerStep, C - c);
+    Vec step_max = ninf;
+    for (int64_t j = 0; j < n; ++j) step_max = nan_maximum(step_max, load_acc(x + (c + j) * xs));
+    const Vec new_max = nan_maximum(vmax, step_max);
+    const Vec shift = Vec::blendv(new_max, zero, new_max == ninf);  // lane-wise finite_shift
+    vsum = vsum * fast_exp((vmax - shift) * vinv);
+    for (int64_t j = 0; j < n; ++j) vsum += fast_exp((load_acc(x + (c + j) * xs) - shift) * vinv);
+    vmax = new_max;
+  }
+  // Lane-wise output_constants: NaN for degenerate lanes (max NaN or +-inf).
+  const Vec finite = vmax.abs() < Vec(std::numeric_limits<acc_t>::infinity());
+  const Vec nan(std::numeric_limits<acc_t>::quiet_NaN());
+  const Vec shift = Vec::blendv(nan, vmax, finite);
+  const Vec log_sum = vsum.log(), inv_sum = vsum.reciprocal();
+  for (int64_t c = 0; c < C; ++c) {
+    const Vec z = (load_acc(x + c * xs) - shift) * vinv;
+    store_acc(y + c * ys, kLog ? z - log_sum : fast_exp(z) * inv_sum);
+  }
+}
+
+template <typename scalar_t, bool kLog>
+void backward_lanes(const scalar_t* dy, const scalar_t* y, scalar_t* dx, int64_t C,
+                    const std::array<RowStrides, 3>& s, acc_type<scalar_t> inv_t) {
+  using Vec = AccVec<scalar_t>;
+  Vec vdot(0);
+  for (int64_t c = 0; c < C; ++c) {
+    const Vec g = load_acc(dy + c * s[0].cls);
+    vdot += kLog ? g : g * load_acc(y + c * s[1].cls);
+  }
+  const Vec vinv(inv_t);
+  for (int64_t c = 0; c < C; ++c) {
+    const Vec g = load_acc(dy + c * s[0].cls), out = load_acc(y + c * s[1].cls);
+    store_acc(dx + c * s[2].cls, kLog ? (g - fast_exp(out) * vdot) * vinv : out * (g - vdot) * vinv);
+  }
+}
+
+// One row at any stride: the scalar remainder of the lanes path.
+template <typename in_t, typename out_t, bool kLog>
+void forward_strided(const in_t* x, out_t* y, int64_t C, int64_t xs, int64_t ys,
+                     acc_type<in_t> inv_t) {
+  using acc_t = acc_type<in_t>;
+  SoftmaxStats<acc_t> stats = empty_stats<acc_t>();
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t v[1] = {static_cast<acc_t>(x[c * xs])};
+    stats = accumulate(stats, v, inv_t);
+  }
+  const SoftmaxOutput<acc_t> k = output_constants(stats);
+  for (int64_t c = 0; c < C; ++c)
+    y[c * ys] = static_cast<out_t>(softmax_output<kLog>(static_cast<acc_t>(x[c * xs]), k, inv_t));
+}
+
+template <typename scalar_t, bool kLog>
+void backward_strided(const scalar_t* dy, const scalar_t* y, scalar_t* dx, int64_t C,
+                      const std::array<RowStrides, 3>& s, acc_type<scalar_t> inv_t) {
+  using acc_t = acc_type<scalar_t>;
+  acc_t dot = 0;
+  for (int64_t c = 0; c < C; ++c)
+    dot += grad_dot_term<kLog>(static_cast<acc_t>(dy[c * s[0].cls]), static_cast<acc_t>(y[c * s[1].cls]));
+  for (int64_t c = 0; c < C; ++c)
+    dx[c * s[2].cls] = static_cast<scalar_t>(softmax_grad<kLog>(
+        static_cast<acc_t>(dy[c * s[0].cls]), static_cast<acc_t>(y[c * s[1].cls]), dot, inv_t));
+}
+
+// Runs `row(offsets...)` over every row of the plan, in parallel. For the Lanes
+// path `lanes(offsets...)` handles kVec adjacent rows and `row` the remainder.
+template <size_t N, int64_t kVec, typename RowFn, typename LanesFn>
+void for_each_row(const RowPlan<N>& plan, const RowFn& row, const LanesFn& lanes) {
+  const RowGeometry& g = plan.geometry;
+  auto offsets = [&](int64_t o, int64_t i) {
+    std::array<int64_t, N> off;
+    for (size_t k = 0; k < N; ++k) off[k] = o * plan.strides[k].outer + i * plan.strides[k].inner;
+    return off;
+  };
+  // ~32K elements per task keeps scheduling overhead negligible for short rows.
+  const int64_t work_per_row = std::max<int64_t>(g.classes, 1);
+  if (plan.path == RowPath::Rows) {
+    const int64_t grain = std::max<int64_t>(1, 32768 / work_per_row);
+    at::parallel_for(0, g.rows(), grain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) row(offsets(r / g.inner, r % g.inner));
+    });
+    return;
+  }
+  const int64_t blocks = (g.inner + kVec - 1) / kVec;
+  const int64_t grain = std::max<int64_t>(1, 32768 / (work_per_row * kVec));
+  at::parallel_for(0, g.outer * blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t o = t / blocks, i0 = (t % blocks) * kVec;
+      if (i0 + kVec <= g.inner) {
+        lanes(offsets(o, i0));
+      } else {
+        for (int64_t i = i0; i < g.inner; ++i) row(offsets(o, i));
+      }
+    }
+  });
+}
+
+template <typename in_t, typename out_t>
+void launch_forward(const RowPlan<2>& plan, const at::Tensor& x, at::Tensor& y, bool log, double inv_temperature) {
+  using acc_t = acc_type<in_t>;
+  constexpr int64_t kVec = AccVec<in_t>::size();
+  const in_t* xp = x.const_data_ptr<in_t>();
+  out_t* yp = y.mutable_data_ptr<out_t>();
+  const int64_t C = plan.geometry.classes;
+  const int64_t xs = plan.strides[0].cls, ys = plan.strides[1].cls;
+  const auto inv_t = static_cast<acc_t>(inv_temperature);
+  auto run = [&](auto log_tag) {
+    constexpr bool kLog = decltype(log_tag)::value;
+    for_each_row<2, kVec>(
+        plan,
+        [&](const std::array<int64_t, 2>& off) {
+          if (plan.path == RowPath::Rows)
+            forward_row<in_t, out_t, kLog>(xp + off[0], yp + off[1], C, inv_t);
+          else
+            forward_strided<in_t, out_t, kLog>(xp + off[0], yp + off[1], C, xs, ys, inv_t);
+        },
+        [&](const std::array<int64_t, 2>& off) {
+          forward_lanes<in_t, out_t, kLog>(xp + off[0], yp + off[1], C, xs, ys, inv_t);
+        });
+  };
+  log ? run(std::true_type{}) : run(std::false_type{});
+}
+
+// Computes into `out` (same shape as x) along `dim`; false when the layouts
+// have no unit-stride axis the kernels can vectorize along.
+bool try_forward(const at::Tensor& x, at::Tensor& out, int64_t dim, bool log, double inv_t) {
+  auto plan = plan_rows<2>({&x, &out}, dim);
+  if (!plan) return false;
+  if (x.scalar_type() == out.scalar_type()) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "softmax_forward",
+                                    [&] { launch_forward<scalar_t, scalar_t>(*plan, x, out, log, inv_t); });
+  } else {  // fp16/bf16 logits with dtype=float32: widen in the kernel instead of a cast pass.
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "softmax_forward",
+                                       [&] { launch_forward<scalar_t, float>(*plan, x, out, log, inv_t); });
+  }
+  return true;
+}
+
+at::Tensor softmax_forward(const at::Tensor& input, int64_t dim, double temperature, bool log,
+                           std::optional<at::ScalarType> dtype) {
+  return softmax_forward_host(input, dim, temperature, dtype, [](at::Tensor& out) { advise_huge_pages(out); },
+                              [&](const at::Tensor& x, at::Tensor& out, int64_t d, double inv_t) {
+                                return try_forward(x, out, d, log, inv_t);
+                              });
+}
+
+template <typename scalar_t>
+void launch_backward(const RowPlan<3>& plan, const at::Tensor& dy, const at::Tensor& y, at::Tensor& dx, bool log,
+                     double inv_temperature) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int64_t kVec = AccVec<scalar_t>::size();
+  const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+  const scalar_t* yp = y.const_data_ptr<scalar_t>();
+  scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+  const int64_t C = plan.geometry.classes;
+  const auto inv_t = static_cast<acc_t>(inv_temperature);
+  auto run = [&](auto log_tag) {
+    constexpr bool kLog = decltype(log_tag)::value;
+    for_each_row<3, kVec>(
+        plan,
+        [&](const std::array<int64_t, 3>& off) {
+          if (plan.path == RowPath::Rows)
+            backward_row<scalar_t, kLog>(dyp + off[0], yp + off[1], dxp + off[2], C, inv_t);
+          else
+            backward_strided<scalar_t, kLog>(dyp + off[0], yp + off[1], dxp + off[2], C, plan.strides, inv_t);
+        },
+        [&](const std::array<int64_t, 3>& off) {
+          backward_lanes<scalar_t, kLog>(dyp + off[0], yp + off[1], dxp + off[2], C, plan.strides, inv_t);
+        });
+  };
+  log ? run(std::true_type{}) : run(std::false_type{});
+}
+
+bool try_backward(const at::Tensor& dy, const at::Tensor& y, at::Tensor& dx, int64_t dim, bool log, double inv_t) {
+  auto plan = plan_rows<3>({&dy, &y, &dx}, dim);
+  if (!plan) return false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "softmax_backward",
+                                  [&] { launch_backward<scalar_t>(*plan, dy, y, dx, log, inv_t); });
+  return true;
+}
+
+at::Tensor softmax_backward(const at::Tensor& grad_output, const at::Tensor& output, int64_t dim,
+                            double temperature, bool log) {
+  return softmax_backward_host(grad_output, output, dim, temperature, [](at::Tensor& out) { advise_huge_pages(out); },
+                               [&](const at::Tensor& dy, const at::Tensor& y, at::Tensor& dx, int64_t d, double inv_t) {
+                                 return try_backward(dy, y, dx, d, log, inv_t);
+                               });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(alchemy_ops, CPU, m) {
+  m.impl("softmax_forward", &softmax_forward);
+  m.impl("softmax_backward", &softmax_backward);
+}
+
+}  // namespace alchemy::cpu

@@ -1,0 +1,72 @@
+#pragma once
+// Host-side body of the softmax_forward / softmax_backward operators, shared by
+// the CPU and CUDA registrations: argument checks, dtype handling, output
+// allocation with the layout the fake kernels promise (empty_like), and the
+// contiguous fallback for views the kernels cannot walk in place.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/core/WrapDimMinimal.h>
+
+#include <cmath>
+#include <optional>
+
+namespace alchemy {
+
+inline double checked_inv_temperature(double temperature) {
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0,
+              "alchemy_ops: temperature must be finite and > 0, got ", temperature);
+  return 1.0 / temperature;
+}
+
+// run(x, out, dim, inv_t) computes into `out` and returns false when the layouts
+// do not fit the kernels; `prepare(out)` runs before the first write.
+template <typename Prepare, typename Run>
+at::Tensor softmax_forward_host(const at::Tensor& input, int64_t dim, double temperature,
+                                std::optional<at::ScalarType> dtype, const Prepare& prepare, const Run& run) {
+  const double inv_t = checked_inv_temperature(temperature);
+  const auto out_dtype = dtype.value_or(input.scalar_type());
+  TORCH_CHECK(at::isFloatingType(out_dtype), "alchemy_ops: softmax needs a floating-point dtype, got ", out_dtype);
+  // dtype= casts the input first (PyTorch's semantics); fp16/bf16 -> fp32 is widened in the kernel instead.
+  const bool fused_widen = out_dtype == at::kFloat && at::isReducedFloatingType(input.scalar_type());
+  at::Tensor x = (fused_widen || out_dtype == input.scalar_type()) ? input : input.to(out_dtype);
+  if (x.dim() == 0) x = x.reshape({1});
+  dim = c10::maybe_wrap_dim(dim, x.dim());
+  at::Tensor out = at::empty_like(x, x.options().dtype(out_dtype));
+  if (out.numel() > 0) {
+    prepare(out);
+    if (!run(x, out, dim, inv_t)) {  // e.g. a permuted view whose dims do not collapse
+      const at::Tensor xc = x.contiguous();
+      at::Tensor packed = at::empty_like(xc, out.options());
+      TORCH_INTERNAL_ASSERT(run(xc, packed, dim, inv_t));
+      out.copy_(packed);
+    }
+  }
+  return input.dim() == 0 ? out.reshape({}) : out;
+}
+
+// run(dy, y, dx, dim, inv_t) as above.
+template <typename Prepare, typename Run>
+at::Tensor softmax_backward_host(const at::Tensor& grad_output, const at::Tensor& output, int64_t dim,
+                                 double temperature, const Prepare& prepare, const Run& run) {
+  const double inv_t = checked_inv_temperature(temperature);
+  TORCH_CHECK(grad_output.sizes() == output.sizes(), "alchemy_ops: grad_output has shape ", grad_output.sizes(),
+              " but output has shape ", output.sizes());
+  TORCH_CHECK(at::isFloatingType(output.scalar_type()), "alchemy_ops: softmax output must be floating-point");
+  const at::Tensor y = output.dim() == 0 ? output.reshape({1}) : output;
+  at::Tensor dy = grad_output.dim() == 0 ? grad_output.reshape({1}) : grad_output;
+  // An expanded (stride-0) or differently laid-out gradient is brought to y's layout once.
+  if (dy.strides() != y.strides() || dy.scalar_type() != y.scalar_type()) dy = at::empty_like(y).copy_(dy);
+  dim = c10::maybe_wrap_dim(dim, y.dim());
+  at::Tensor dx = at::empty_like(y);
+  if (dx.numel() > 0) {
+    prepare(dx);
+    if (!run(dy, y, dx, dim, inv_t)) {
+      at::Tensor packed = at::empty_like(y.contiguous());
+      TORCH_INTERNAL_ASSERT(run(dy.contiguous(), y.contiguous(), packed, dim, inv_t));
+      dx.copy_(packed);
+    }
+  }
+  return output.dim() == 0 ? dx.reshape({}) : dx;
+}
+
+}  // namespace alchemy

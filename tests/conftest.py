@@ -1,0 +1,56 @@
+"""Shared fixtures: backends available here, the per-dtype tolerance table, poisoned allocations."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import pytest
+import torch
+
+import alchemy_ops as ao
+
+
+def _poison_cpu_allocations() -> None:
+    # c10's junk fill: every CPU allocation starts as NaN (fp32) or garbage (other dtypes),
+    # so an output element a kernel forgets to write cannot pass as a stale right answer.
+    lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so"))
+    ctypes.c_bool.in_dll(lib, "FLAGS_caffe2_cpu_allocator_do_junk_fill").value = True
+
+
+_poison_cpu_allocations()
+
+BACKENDS = ao.available_backends()
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+# (atol, rtol) against a float64 reference computed from the same (rounded) inputs.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (2e-5, 2e-5),
+    torch.bfloat16: (2e-2, 1.6e-2),
+    torch.float16: (4e-3, 2e-3),
+}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> None:
+    """Compares in float64; ``scale`` widens atol for values whose magnitude is ~scale."""
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol * scale, rtol=rtol, equal_nan=True)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    with ao.backend(request.param):
+        yield request.param
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+def pytest_collection_modifyitems(config, items):
+    cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(cuda)

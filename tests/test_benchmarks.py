@@ -1,0 +1,18 @@
+"""Smoke test of the benchmark suite (tiny preset) so it cannot rot; not a timing test."""
+
+import json
+
+from benchmarks.__main__ import main
+
+
+def test_benchmark_suite_runs(tmp_path):
+    out = tmp_path / "tiny.json"
+    assert main(["--preset", "tiny", "--no-compile", "--output", str(out)]) == 0
+    data = json.loads(out.read_text())
+    providers = {r["provider"] for r in data["results"]}
+    assert providers == {"alchemy_ops", "torch eager"}
+    assert {r["op"] for r in data["results"]} == {"log_softmax", "softmax"}
+    for r in data["results"]:
+        assert r["median_ms"] > 0 and r["cpu_ms"] >= 0 and r["gb_per_s"] > 0
+    assert data["machine"]["torch"] and data["copy_bandwidth_gb_s"] > 0
+    assert out.with_suffix(".png").stat().st_size > 0
