@@ -23,7 +23,8 @@ $(VENV)/.ready: requirements/dev.txt
 build: $(VENV)/.ready $(SOURCES)
 	$(PY) setup.py --quiet build_ext --inplace
 
-test: build
+# TRITON_INTERPRET=1 runs the Triton kernels on CPU tensors, so all three backends are tested.
+test: build lint
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -ra tests
 
 bench: build

@@ -45,7 +45,7 @@ def with_cuda() -> bool:
 def extension():
     capability = cpu_capability()
     cuda = with_cuda()
-    cxx = ["-O3", f"-DALCHEMY_CPU_CAPABILITY=\"{capability}\""]
+    cxx = ["-O3", f'-DALCHEMY_CPU_CAPABILITY="{capability}"']
     if capability != "DEFAULT":
         cxx += [f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"]
     cxx += CPU_CAPABILITY_FLAGS[capability]

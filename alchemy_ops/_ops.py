@@ -70,9 +70,7 @@ def _register_softmax(forward, backward) -> None:
         return grad_input.to(ctx.input_dtype), None, None, None, None
 
     torch.library.register_autograd(forward, grad, setup_context=_softmax_setup_context)
-    torch.library.register_autograd(
-        backward, _softmax_double_backward, setup_context=_softmax_backward_setup_context
-    )
+    torch.library.register_autograd(backward, _softmax_double_backward, setup_context=_softmax_backward_setup_context)
 
 
 _register_softmax("alchemy_ops::softmax_forward", "alchemy_ops::softmax_backward")

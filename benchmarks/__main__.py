@@ -29,13 +29,17 @@ RESULTS = Path(__file__).parent / "results"
 
 def _check(reference, candidate, dtype) -> None:
     tol = {torch.float32: 1e-4, torch.float64: 1e-8}.get(dtype, 3e-2)
-    for a, b in zip(reference, candidate):
+    for a, b in zip(reference, candidate, strict=True):
         if a is not None and b is not None:
-            torch.testing.assert_close(b.float(), a.float(), atol=tol * max(1.0, a.float().abs().max().item()), rtol=tol)
+            torch.testing.assert_close(
+                b.float(), a.float(), atol=tol * max(1.0, a.float().abs().max().item()), rtol=tol
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     p.add_argument("--ops", nargs="*", default=None, help="e.g. log_softmax softmax")
     p.add_argument("--dtype", nargs="*", default=None, help="e.g. float32 bfloat16")
@@ -54,8 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     largest = max(torch.Size(c.shape).numel() * c.dtype.itemsize for c in cases)
     bandwidth = copy_bandwidth(max(largest, 1 << 26), args.device)
-    print(f"machine: {info['cpu']} | {info['cores']} cores, {info['torch_threads']} torch threads | torch {info['torch']}"
-          f" | THP_MEM_ALLOC_ENABLE={info['THP_MEM_ALLOC_ENABLE']} | copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print(
+        f"machine: {info['cpu']} | {info['cores']} cores, {info['torch_threads']} torch threads | torch {info['torch']}"
+        f" | THP_MEM_ALLOC_ENABLE={info['THP_MEM_ALLOC_ENABLE']} | copy bandwidth {bandwidth / 1e9:.1f} GB/s"
+    )
 
     rows = []
     started = time.perf_counter()
@@ -72,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 _check(reference, out, case.dtype)
             del out
-            t = time_fn(lambda fn=fn: fn(x), args.device, warmup, reps)
+            t = time_fn(lambda fn=fn, x=x: fn(x), args.device, warmup, reps)
             rows.append({
                 "op": case.op, "mode": case.mode, "dtype": str(case.dtype).removeprefix("torch."),
                 "shape": list(case.shape), "provider": provider,
@@ -82,13 +88,29 @@ def main(argv: list[str] | None = None) -> int:
             })  # fmt: skip
     print(f"\r{' ' * 80}\r", end="", file=sys.stderr)
     for r in rows:
-        ours = next(o for o in rows if o["provider"] == "alchemy_ops" and all(o[k] == r[k] for k in ("op", "mode", "dtype", "shape")))
+        ours = next(
+            o
+            for o in rows
+            if o["provider"] == "alchemy_ops" and all(o[k] == r[k] for k in ("op", "mode", "dtype", "shape"))
+        )
         r["alchemy_speedup"] = r["median_ms"] / ours["median_ms"]
     _print_table(rows)
-    out = args.output or RESULTS / f"{args.preset}.json"
+    # Runs with and without PyTorch's huge-page allocations are kept apart: they differ a lot here.
+    suffix = "-thp" if info["THP_MEM_ALLOC_ENABLE"] == "1" else ""
+    out = args.output or RESULTS / f"{args.preset}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": info, "copy_bandwidth_gb_s": bandwidth / 1e9, "preset": args.preset,
-                               "seconds": time.perf_counter() - started, "results": rows}, indent=1))
+    out.write_text(
+        json.dumps(
+            {
+                "machine": info,
+                "copy_bandwidth_gb_s": bandwidth / 1e9,
+                "preset": args.preset,
+                "seconds": time.perf_counter() - started,
+                "results": rows,
+            },
+            indent=1,
+        )
+    )
     print(f"results: {out}")
     try:
         from .plots import plot
@@ -100,7 +122,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print_table(rows: list[dict]) -> None:
-    header = f"{'case':<44} {'provider':<14} {'median ms':>9} {'p20-p80 ms':>15} {'cpu/wall':>8} {'GB/s':>6} {'roofline':>8} {'ours x faster':>13}"
+    header = (
+        f"{'case':<50} {'provider':<14} {'median ms':>9} {'p20-p80 ms':>15} {'cpu/wall':>8} {'GB/s':>6} "
+        f"{'roofline':>8} {'ours x faster':>13}"
+    )
     last = None
     for r in rows:
         case = f"{r['op']} {r['mode']} {r['dtype']} {'x'.join(map(str, r['shape']))}"
@@ -108,8 +133,10 @@ def _print_table(rows: list[dict]) -> None:
             print("\n" + header if last is None else "")
             last = case
         speed = "" if r["provider"] == "alchemy_ops" else f"{r['alchemy_speedup']:.2f}x"
-        print(f"{case:<44} {r['provider']:<14} {r['median_ms']:>9.1f} {r['p20_ms']:>7.1f}-{r['p80_ms']:<7.1f} "
-              f"{r['cpu_per_wall']:>8.2f} {r['gb_per_s']:>6.1f} {r['roofline']:>8.0%} {speed:>13}")
+        print(
+            f"{case:<50} {r['provider']:<14} {r['median_ms']:>9.1f} {r['p20_ms']:>7.1f}-{r['p80_ms']:<7.1f} "
+            f"{r['cpu_per_wall']:>8.2f} {r['gb_per_s']:>6.1f} {r['roofline']:>8.0%} {speed:>13}"
+        )
 
 
 if __name__ == "__main__":

@@ -18,7 +18,9 @@ class Case:
     dtype: torch.dtype
     shape: tuple[int, ...]
     # provider name -> fn(x) returning (output, grad or None)
-    providers: dict[str, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]] = field(default_factory=dict)
+    providers: dict[str, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]] = field(
+        default_factory=dict
+    )
     passes: int = 2  # logits-sized tensors that must be read or written
 
     @property
@@ -48,7 +50,9 @@ def softmax_cases(shapes, dtypes, device: str, compile_baseline: bool) -> list[C
             for dtype in dtypes:
                 for backward in (False, True):
                     grad = torch.randn(shape, device=device, dtype=dtype) if backward else None
-                    case = Case(op, "forward+backward" if backward else "forward", dtype, shape, passes=5 if backward else 2)
+                    case = Case(
+                        op, "forward+backward" if backward else "forward", dtype, shape, passes=5 if backward else 2
+                    )
                     case.providers["alchemy_ops"] = _runner(lambda t, f=ours: f(t, -1), backward, grad)
                     case.providers["torch eager"] = _runner(theirs, backward, grad)
                     if compile_baseline:

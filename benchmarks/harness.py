@@ -18,10 +18,7 @@ class Timing:
     p20_s: float
     p80_s: float
     cpu_s: float  # process user+sys per call, over the same calls
-
-    @property
-    def cpu_per_wall(self) -> float:
-        return self.cpu_s / self.median_s
+    cpu_per_wall: float  # total CPU time / total wall time of those calls: ~1 one busy core, >1 parallel
 
 
 def _sync(device: str) -> None:
@@ -41,9 +38,9 @@ def time_fn(fn: Callable[[], object], device: str, warmup: int, reps: int) -> Ti
         fn()
         _sync(device)
         walls.append(time.perf_counter() - t0)
-    cpu = (time.process_time() - cpu0) / reps
+    cpu = time.process_time() - cpu0
     q = statistics.quantiles(walls, n=5) if len(walls) >= 2 else [walls[0]] * 4
-    return Timing(statistics.median(walls), q[0], q[3], cpu)
+    return Timing(statistics.median(walls), q[0], q[3], cpu / reps, cpu / sum(walls))
 
 
 def copy_bandwidth(nbytes: int, device: str, reps: int = 5) -> float:

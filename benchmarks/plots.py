@@ -21,7 +21,12 @@ def plot(results_json: Path) -> Path:
     width = 0.8 / len(providers)
     for k, prov in enumerate(providers):
         for i, case in enumerate(cases):
-            match = [r for r in rows if r["provider"] == prov and f"{r['op']}\n{r['mode']}\n{r['dtype']} {'x'.join(map(str, r['shape']))}" == case]
+            match = [
+                r
+                for r in rows
+                if r["provider"] == prov
+                and f"{r['op']}\n{r['mode']}\n{r['dtype']} {'x'.join(map(str, r['shape']))}" == case
+            ]
             if not match:
                 continue
             r = match[0]
@@ -30,7 +35,9 @@ def plot(results_json: Path) -> Path:
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))], cases, fontsize=7)
     ax.set_ylabel("median wall time (ms), lower is better")
     m = data["machine"]
-    ax.set_title(f"{m['cpu']}, {m['torch_threads']} threads, torch {m['torch']} (labels: fraction of copy roofline)", fontsize=8)
+    ax.set_title(
+        f"{m['cpu']}, {m['torch_threads']} threads, torch {m['torch']} (labels: fraction of copy roofline)", fontsize=8
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     out = Path(results_json).with_suffix(".png")

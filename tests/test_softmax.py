@@ -129,7 +129,9 @@ def test_dtype_argument_casts_first(backend):
     assert_close(y64, torch.softmax(_make((4, 33), torch.float32).double(), -1), torch.float64)
     # integer logits are accepted when dtype= makes them floating, as in torch.log_softmax
     ints = torch.arange(12).reshape(3, 4)
-    torch.testing.assert_close(ao.log_softmax(ints, dtype=torch.float32), torch.log_softmax(ints, -1, dtype=torch.float32))
+    torch.testing.assert_close(
+        ao.log_softmax(ints, dtype=torch.float32), torch.log_softmax(ints, -1, dtype=torch.float32)
+    )
     # gradient flows back to the original dtype
     xb = x.clone().requires_grad_()
     ao.log_softmax(xb, dtype=torch.float32).sum().backward()
@@ -149,8 +151,9 @@ def test_deterministic(backend):
 
 
 @pytest.mark.parametrize("log", [True, False])
-@pytest.mark.parametrize(("shape", "dim", "layout"), [((3, 7), -1, "contiguous"), ((2, 4, 3), 1, "contiguous"),
-                                                      ((4, 5), -1, "transposed")])
+@pytest.mark.parametrize(
+    ("shape", "dim", "layout"), [((3, 7), -1, "contiguous"), ((2, 4, 3), 1, "contiguous"), ((4, 5), -1, "transposed")]
+)
 def test_gradcheck_and_gradgradcheck(backend, shape, dim, layout, log):
     x = _make(shape, torch.float64, layout=layout).requires_grad_()
     fn = ao.log_softmax if log else ao.softmax

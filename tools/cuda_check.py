@@ -92,14 +92,19 @@ def check_registrations() -> list[str]:
 
 
 def main() -> None:
-    shutil.copytree(ROOT / "alchemy_ops", PKG / "alchemy_ops", dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    shutil.copytree(
+        ROOT / "alchemy_ops",
+        PKG / "alchemy_ops",
+        dirs_exist_ok=True,
+        ignore=shutil.ignore_patterns("*.so", "__pycache__"),
+    )
     rows = ptxas_table(build())
     if not rows:
         sys.exit("cuda-check: ptxas reported no kernels; was -Xptxas -v passed?")
     bad = [r for r in rows if r.get("spill_stores", 0) or r.get("spill_loads", 0) or r.get("stack", 0)]
     names = demangle([r["kernel"] for r in rows])
     print(f"{'arch':6} {'regs':>4} {'stack':>5} {'spill st':>8} {'spill ld':>8}  kernel")
-    for r, name in sorted(zip(rows, names), key=lambda p: (p[1], p[0]["arch"])):
+    for r, name in sorted(zip(rows, names, strict=True), key=lambda p: (p[1], p[0]["arch"])):
         short = re.sub(r"\(.*", "", name.replace("alchemy::cuda::(anonymous namespace)::", ""))
         print(
             f"{r['arch']:6} {r.get('registers', 0):>4} {r.get('stack', 0):>5} {r.get('spill_stores', 0):>8} "

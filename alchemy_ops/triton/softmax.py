@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .. import _checks
+from ..reference import acc_dtype
 from ..softmax import cast_before_kernel
 from ._layout import run_rows
 
@@ -26,10 +27,6 @@ _MAX_BLOCK = 4096
 
 def _block(classes: int) -> int:
     return min(_MAX_BLOCK, triton.next_power_of_2(max(classes, 1)))
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @triton.jit
@@ -99,7 +96,7 @@ def _softmax_backward_kernel(
 
 def _inv_temperature(temperature: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     # A tensor, not a scalar argument: Triton passes Python floats as fp32, too coarse for fp64 rows.
-    return torch.full((1,), 1.0 / _checks.check_temperature(temperature), dtype=_acc_dtype(dtype), device=device)
+    return torch.full((1,), 1.0 / _checks.check_temperature(temperature), dtype=acc_dtype(dtype), device=device)
 
 
 @torch.library.register_kernel("alchemy_ops::triton_softmax_forward", ("cpu", "cuda"))

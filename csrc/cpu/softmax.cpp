@@ -39,7 +39,7 @@ inline void stats_step(const scalar_t* x, SoftmaxStats<acc_type<scalar_t>>& stat
   // handling does not matter here; -inf entries give exp(-inf) = 0.
   const Vec shift(finite_shift(new_max)), vinv(inv_t);
   ALCHEMY_UNROLL
-  for (int j = 0; j < N; ++j) v[j] = ((v[j] - shift) * vinv).exp_u20();
+  for (int j = 0; j < N; ++j) v[j] = exp_nonpositive((v[j] - shift) * vinv);
   ALCHEMY_UNROLL
   for (int w = 1; w < N; w *= 2)  // pairwise: short dependency chains
     ALCHEMY_UNROLL
@@ -77,7 +77,7 @@ void forward_row(const in_t* x, out_t* y, int64_t C, acc_type<in_t> inv_t) {
   int64_t c = 0;
   for (; c + kVec <= C; c += kVec) {
     const Vec d = load_acc(x + c) - shift;  // exact near the max, unlike x * inv_t - shift * inv_t
-    store_acc(y + c, kLog ? at::vec::fmadd(d, vinv, neg_log_sum) : (d * vinv).exp_u20() * inv_sum);
+    store_acc(y + c, kLog ? at::vec::fmadd(d, vinv, neg_log_sum) : exp_nonpositive(d * vinv) * inv_sum);
   }
   for (; c < C; ++c) y[c] = static_cast<out_t>(softmax_output<kLog>(static_cast<acc_t>(x[c]), k, inv_t));
 }
