@@ -6,6 +6,8 @@ import math
 
 import torch
 
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
 
 class DimensionError(IndexError, ValueError):
     """A ``dim`` outside the tensor's range; an IndexError as in PyTorch, and a ValueError."""
@@ -35,6 +37,8 @@ def check_temperature(temperature: object) -> float:
     t = float(temperature)
     if not (math.isfinite(t) and t > 0):
         raise ValueError(f"alchemy_ops: temperature must be finite and > 0, got {temperature}")
+    if 1.0 / t > _FLOAT32_MAX:  # the kernels multiply by 1/T in fp32
+        raise ValueError(f"alchemy_ops: temperature {temperature} is too small: 1/temperature overflows float32")
     return t
 
 

@@ -1,6 +1,5 @@
 // CPU kernels of softmax_forward / softmax_backward: (log-)softmax(x / T) along
 // one dim, one read of x for the online statistics and one write of the output.
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
@@ -238,29 +237,6 @@ void launch_forward(const RowPlan<2>& plan, const at::Tensor& x, at::Tensor& y, 
   log ? run(std::true_type{}) : run(std::false_type{});
 }
 
-// Computes into `out` (same shape as x) along `dim`; false when the layouts
-// have no unit-stride axis the kernels can vectorize along.
-bool try_forward(const at::Tensor& x, at::Tensor& out, int64_t dim, bool log, double inv_t) {
-  auto plan = plan_rows<2>({&x, &out}, dim);
-  if (!plan) return false;
-  if (x.scalar_type() == out.scalar_type()) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "softmax_forward",
-                                    [&] { launch_forward<scalar_t, scalar_t>(*plan, x, out, log, inv_t); });
-  } else {  // fp16/bf16 logits with dtype=float32: widen in the kernel instead of a cast pass.
-    AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "softmax_forward",
-                                       [&] { launch_forward<scalar_t, float>(*plan, x, out, log, inv_t); });
-  }
-  return true;
-}
-
-at::Tensor softmax_forward(const at::Tensor& input, int64_t dim, double temperature, bool log,
-                           std::optional<at::ScalarType> dtype) {
-  return softmax_forward_host(input, dim, temperature, dtype, [](at::Tensor& out) { advise_huge_pages(out); },
-                              [&](const at::Tensor& x, at::Tensor& out, int64_t d, double inv_t) {
-                                return try_forward(x, out, d, log, inv_t);
-                              });
-}
-
 template <typename scalar_t>
 void launch_backward(const RowPlan<3>& plan, const at::Tensor& dy, const at::Tensor& y, at::Tensor& dx, bool log,
                      double inv_temperature) {
@@ -288,19 +264,23 @@ void launch_backward(const RowPlan<3>& plan, const at::Tensor& dy, const at::Ten
   log ? run(std::true_type{}) : run(std::false_type{});
 }
 
-bool try_backward(const at::Tensor& dy, const at::Tensor& y, at::Tensor& dx, int64_t dim, bool log, double inv_t) {
-  auto plan = plan_rows<3>({&dy, &y, &dx}, dim);
-  if (!plan) return false;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "softmax_backward",
-                                  [&] { launch_backward<scalar_t>(*plan, dy, y, dx, log, inv_t); });
-  return true;
+void advise_output(at::Tensor& out) { advise_huge_pages(out); }
+
+at::Tensor softmax_forward(const at::Tensor& input, int64_t dim, double temperature, bool log,
+                           std::optional<at::ScalarType> dtype) {
+  return softmax_forward_host(input, dim, temperature, dtype, plan_rows<2>, advise_output,
+                              [&](const RowPlan<2>& plan, const at::Tensor& x, at::Tensor& y, double inv_t,
+                                  auto in_tag, auto out_tag) {
+                                launch_forward<decltype(in_tag), decltype(out_tag)>(plan, x, y, log, inv_t);
+                              });
 }
 
 at::Tensor softmax_backward(const at::Tensor& grad_output, const at::Tensor& output, int64_t dim,
                             double temperature, bool log) {
-  return softmax_backward_host(grad_output, output, dim, temperature, [](at::Tensor& out) { advise_huge_pages(out); },
-                               [&](const at::Tensor& dy, const at::Tensor& y, at::Tensor& dx, int64_t d, double inv_t) {
-                                 return try_backward(dy, y, dx, d, log, inv_t);
+  return softmax_backward_host(grad_output, output, dim, temperature, plan_rows<3>, advise_output,
+                               [&](const RowPlan<3>& plan, const at::Tensor& dy, const at::Tensor& y, at::Tensor& dx,
+                                   double inv_t, auto tag, auto) {
+                                 launch_backward<decltype(tag)>(plan, dy, y, dx, log, inv_t);
                                });
 }
 

@@ -5,7 +5,6 @@
 // every row is aligned; one read for the online statistics (fp32, fp64 for
 // fp64) and one for the output. Other layouts (e.g. dim=1 of NCHW): one thread
 // per row, adjacent threads on adjacent rows so loads coalesce.
-#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty_like.h>
@@ -228,8 +227,10 @@ bool rows_aligned(const RowPlan<N>& plan, const std::array<const at::Tensor*, N>
   for (size_t k = 0; k < N; ++k) {
     const int64_t bytes = int64_t(pack) * t[k]->element_size();
     if (reinterpret_cast<uintptr_t>(t[k]->const_data_ptr()) % bytes != 0) return false;
-    for (int64_t stride : std::array<int64_t, 2>{plan.strides[k].outer, plan.strides[k].inner})
-      if ((stride * t[k]->element_size()) % bytes != 0) return false;
+    // A dim of extent 1 never advances the pointer, whatever stride it reports.
+    const int64_t outer = plan.geometry.outer > 1 ? plan.strides[k].outer : 0;
+    const int64_t inner = plan.geometry.inner > 1 ? plan.strides[k].inner : 0;
+    if ((outer * t[k]->element_size()) % bytes != 0 || (inner * t[k]->element_size()) % bytes != 0) return false;
   }
   return true;
 }
@@ -238,6 +239,26 @@ inline unsigned blocks_for(int64_t work, int64_t per_block) {
   const int64_t blocks = (work + per_block - 1) / per_block;
   TORCH_CHECK(blocks < (int64_t(1) << 31), "alchemy_ops: too many rows for one CUDA launch (", work, ")");
   return static_cast<unsigned>(blocks);
+}
+
+// Calls launch(threads per row, pack size, grid, block) with the row kernel shape for
+// the plan: a warp per row up to kWarpRowMaxClasses classes, else a block per row;
+// kPack-wide vector accesses when every row is aligned for them.
+template <int kPack, size_t N, typename Launch>
+void launch_rows(const RowPlan<N>& plan, bool packed, const Launch& launch) {
+  using Warp = std::integral_constant<int, kWarp>;
+  using Block = std::integral_constant<int, kBlockThreads>;
+  using Packed = std::integral_constant<int, kPack>;
+  using Scalar = std::integral_constant<int, 1>;
+  const int64_t rows = plan.geometry.rows();
+  if (plan.geometry.classes <= kWarpRowMaxClasses) {
+    const unsigned grid = blocks_for(rows, kWarpRowsPerBlock);
+    const dim3 block(kWarp, kWarpRowsPerBlock);
+    packed ? launch(Warp{}, Packed{}, grid, block) : launch(Warp{}, Scalar{}, grid, block);
+  } else {
+    const unsigned grid = blocks_for(rows, 1);
+    packed ? launch(Block{}, Packed{}, grid, dim3(kBlockThreads)) : launch(Block{}, Scalar{}, grid, dim3(kBlockThreads));
+  }
 }
 
 template <typename in_t, typename out_t>
@@ -253,16 +274,10 @@ void launch_forward(const RowPlan<2>& plan, const at::Tensor& x, at::Tensor& y, 
   if (plan.path == RowPath::Lanes) {
     softmax_forward_strided<in_t, out_t><<<blocks_for(rows, 256), 256, 0, stream>>>(xp, yp, a, rows, inv_t, log);
   } else {
-    const bool packed = rows_aligned<2>(plan, {&x, &y}, kPack);
-    const bool warp = plan.geometry.classes <= kWarpRowMaxClasses;
-    if (warp && packed)
-      softmax_forward_rows<kWarp, kPack, in_t, out_t><<<blocks_for(rows, kWarpRowsPerBlock), dim3(kWarp, kWarpRowsPerBlock), 0, stream>>>(xp, yp, a, rows, inv_t, log);
-    else if (warp)
-      softmax_forward_rows<kWarp, 1, in_t, out_t><<<blocks_for(rows, kWarpRowsPerBlock), dim3(kWarp, kWarpRowsPerBlock), 0, stream>>>(xp, yp, a, rows, inv_t, log);
-    else if (packed)
-      softmax_forward_rows<kBlockThreads, kPack, in_t, out_t><<<blocks_for(rows, 1), kBlockThreads, 0, stream>>>(xp, yp, a, rows, inv_t, log);
-    else
-      softmax_forward_rows<kBlockThreads, 1, in_t, out_t><<<blocks_for(rows, 1), kBlockThreads, 0, stream>>>(xp, yp, a, rows, inv_t, log);
+    launch_rows<kPack>(plan, rows_aligned<2>(plan, {&x, &y}, kPack), [&](auto threads, auto pack, unsigned grid, dim3 block) {
+      softmax_forward_rows<decltype(threads)::value, decltype(pack)::value, in_t, out_t>
+          <<<grid, block, 0, stream>>>(xp, yp, a, rows, inv_t, log);
+    });
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -282,16 +297,10 @@ void launch_backward(const RowPlan<3>& plan, const at::Tensor& dy, const at::Ten
   if (plan.path == RowPath::Lanes) {
     softmax_backward_strided<scalar_t><<<blocks_for(rows, 256), 256, 0, stream>>>(dyp, yp, dxp, a, rows, inv_t, log);
   } else {
-    const bool packed = rows_aligned<3>(plan, {&dy, &y, &dx}, kPack);
-    const bool warp = plan.geometry.classes <= kWarpRowMaxClasses;
-    if (warp && packed)
-      softmax_backward_rows<kWarp, kPack, scalar_t><<<blocks_for(rows, kWarpRowsPerBlock), dim3(kWarp, kWarpRowsPerBlock), 0, stream>>>(dyp, yp, dxp, a, rows, inv_t, log);
-    else if (warp)
-      softmax_backward_rows<kWarp, 1, scalar_t><<<blocks_for(rows, kWarpRowsPerBlock), dim3(kWarp, kWarpRowsPerBlock), 0, stream>>>(dyp, yp, dxp, a, rows, inv_t, log);
-    else if (packed)
-      softmax_backward_rows<kBlockThreads, kPack, scalar_t><<<blocks_for(rows, 1), kBlockThreads, 0, stream>>>(dyp, yp, dxp, a, rows, inv_t, log);
-    else
-      softmax_backward_rows<kBlockThreads, 1, scalar_t><<<blocks_for(rows, 1), kBlockThreads, 0, stream>>>(dyp, yp, dxp, a, rows, inv_t, log);
+    launch_rows<kPack>(plan, rows_aligned<3>(plan, {&dy, &y, &dx}, kPack), [&](auto threads, auto pack, unsigned grid, dim3 block) {
+      softmax_backward_rows<decltype(threads)::value, decltype(pack)::value, scalar_t>
+          <<<grid, block, 0, stream>>>(dyp, yp, dxp, a, rows, inv_t, log);
+    });
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -310,42 +319,25 @@ std::optional<RowPlan<N>> plan_cuda(const std::array<const at::Tensor*, N>& t, i
   return strided;
 }
 
-bool try_forward(const at::Tensor& x, at::Tensor& out, int64_t dim, bool log, double inv_t) {
-  auto plan = plan_cuda<2>({&x, &out}, dim);
-  if (!plan) return false;
-  if (x.scalar_type() == out.scalar_type()) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "softmax_forward_cuda",
-                                    [&] { launch_forward<scalar_t, scalar_t>(*plan, x, out, log, inv_t); });
-  } else {
-    AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "softmax_forward_cuda",
-                                       [&] { launch_forward<scalar_t, float>(*plan, x, out, log, inv_t); });
-  }
-  return true;
-}
+void no_prepare(at::Tensor&) {}
 
 at::Tensor softmax_forward(const at::Tensor& input, int64_t dim, double temperature, bool log,
                            std::optional<at::ScalarType> dtype) {
   const c10::cuda::CUDAGuard guard(input.device());
-  return softmax_forward_host(input, dim, temperature, dtype, [](at::Tensor&) {},
-                              [&](const at::Tensor& x, at::Tensor& out, int64_t d, double inv_t) {
-                                return try_forward(x, out, d, log, inv_t);
+  return softmax_forward_host(input, dim, temperature, dtype, plan_cuda<2>, no_prepare,
+                              [&](const RowPlan<2>& plan, const at::Tensor& x, at::Tensor& y, double inv_t,
+                                  auto in_tag, auto out_tag) {
+                                launch_forward<decltype(in_tag), decltype(out_tag)>(plan, x, y, log, inv_t);
                               });
-}
-
-bool try_backward(const at::Tensor& dy, const at::Tensor& y, at::Tensor& dx, int64_t dim, bool log, double inv_t) {
-  auto plan = plan_cuda<3>({&dy, &y, &dx}, dim);
-  if (!plan) return false;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "softmax_backward_cuda",
-                                  [&] { launch_backward<scalar_t>(*plan, dy, y, dx, log, inv_t); });
-  return true;
 }
 
 at::Tensor softmax_backward(const at::Tensor& grad_output, const at::Tensor& output, int64_t dim,
                             double temperature, bool log) {
   const c10::cuda::CUDAGuard guard(output.device());
-  return softmax_backward_host(grad_output, output, dim, temperature, [](at::Tensor&) {},
-                               [&](const at::Tensor& dy, const at::Tensor& y, at::Tensor& dx, int64_t d, double inv_t) {
-                                 return try_backward(dy, y, dx, d, log, inv_t);
+  return softmax_backward_host(grad_output, output, dim, temperature, plan_cuda<3>, no_prepare,
+                               [&](const RowPlan<3>& plan, const at::Tensor& dy, const at::Tensor& y, at::Tensor& dx,
+                                   double inv_t, auto tag, auto) {
+                                 launch_backward<decltype(tag)>(plan, dy, y, dx, log, inv_t);
                                });
 }
 

@@ -67,7 +67,8 @@ ALCHEMY_HD SoftmaxStats<acc_t> accumulate(SoftmaxStats<acc_t> s, const acc_t (&x
 #pragma unroll
   for (int j = 0; j < N; ++j) m = nan_max(m, x[j]);
   const acc_t shift = finite_shift(m);
-  acc_t sum = s.sum * exp_acc((s.max - shift) * inv_t);
+  // Rescale only when the max moved: a scalar loop would otherwise pay two exps per value.
+  acc_t sum = m == s.max ? s.sum : s.sum * exp_acc((s.max - shift) * inv_t);
 #pragma unroll
   for (int j = 0; j < N; ++j) sum += exp_acc((x[j] - shift) * inv_t);
   return {m, sum};
