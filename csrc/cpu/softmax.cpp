@@ -30,15 +30,14 @@ inline void stats_step(const scalar_t* x, SoftmaxStats<acc_type<scalar_t>>& stat
   for (int j = 0; j < N; ++j) v[j] = load_acc(x + j * Vec::size());
   Vec vmax = v[0];
   ALCHEMY_UNROLL
-  for (int j = 1; j < N; ++j) vmax = nan_maximum(vmax, v[j]);
+  for (int j = 1; j < N; ++j) vmax = running_max(vmax, v[j]);
   const acc_t new_max = nan_max(stats.max, reduce_max(vmax));
   if (new_max != stats.max) vsum = vsum * Vec(rescale_factor(stats.max, new_max, inv_t));
   stats.max = new_max;
-  // NaN or +inf make the row degenerate (see output_constants), so exp's NaN
-  // handling does not matter here; -inf entries give exp(-inf) = 0.
+  // -inf entries give exp(-inf) = 0; a NaN entry makes the sum NaN.
   const Vec shift(finite_shift(new_max)), vinv(inv_t);
   ALCHEMY_UNROLL
-  for (int j = 0; j < N; ++j) v[j] = exp_nonpositive((v[j] - shift) * vinv);
+  for (int j = 0; j < N; ++j) v[j] = fast_exp((v[j] - shift) * vinv);
   ALCHEMY_UNROLL
   for (int w = 1; w < N; w *= 2)  // pairwise: short dependency chains
     ALCHEMY_UNROLL
@@ -76,7 +75,7 @@ void forward_row(const in_t* x, out_t* y, int64_t C, acc_type<in_t> inv_t) {
   int64_t c = 0;
   for (; c + kVec <= C; c += kVec) {
     const Vec d = load_acc(x + c) - shift;  // exact near the max, unlike x * inv_t - shift * inv_t
-    store_acc(y + c, kLog ? at::vec::fmadd(d, vinv, neg_log_sum) : exp_nonpositive(d * vinv) * inv_sum);
+    store_acc(y + c, kLog ? at::vec::fmadd(d, vinv, neg_log_sum) : fast_exp(d * vinv) * inv_sum);
   }
   for (; c < C; ++c) y[c] = static_cast<out_t>(softmax_output<kLog>(static_cast<acc_t>(x[c]), k, inv_t));
 }
@@ -117,8 +116,8 @@ void forward_lanes(const in_t* x, out_t* y, int64_t C, int64_t xs, int64_t ys,
   for (int64_t c = 0; c < C; c += kVecsPerStep) {
     const int64_t n = std::min<int64_t>(kVecsPerStep, C - c);
     Vec step_max = ninf;
-    for (int64_t j = 0; j < n; ++j) step_max = nan_maximum(step_max, load_acc(x + (c + j) * xs));
-    const Vec new_max = nan_maximum(vmax, step_max);
+    for (int64_t j = 0; j < n; ++j) step_max = running_max(step_max, load_acc(x + (c + j) * xs));
+    const Vec new_max = running_max(vmax, step_max);
     const Vec shift = Vec::blendv(new_max, zero, new_max == ninf);  // lane-wise finite_shift
     vsum = vsum * fast_exp((vmax - shift) * vinv);
     for (int64_t j = 0; j < n; ++j) vsum += fast_exp((load_acc(x + (c + j) * xs) - shift) * vinv);

@@ -60,22 +60,30 @@ inline void store_acc(scalar_t* p, const acc_vec_t& v) {
   }
 }
 
-// exp of arguments <= 0, the only ones softmax needs (x - max, log-probabilities).
-// Results below FLT_MIN flush to exactly 0 (so exp(-inf) = 0), and so does NaN:
-// callers either handle NaN rows through their statistics or use fast_exp.
+// exp of arguments <= 0, the only ones softmax needs (x - max, log-probabilities):
+// exp(-inf) = 0 and NaN stays NaN, which is how a NaN logit reaches its row's sum.
 template <typename acc_vec_t>
-inline acc_vec_t exp_nonpositive(const acc_vec_t& v) {
-  return v.exp_u20();  // ATen's polynomial exp (<= 20 ulp); Sleef's exact exp for double
+inline acc_vec_t fast_exp(const acc_vec_t& v) {
+  // ATen's polynomial exp (<= 20 ulp; Sleef's exact exp for double) clamps NaN away: put it back.
+  return acc_vec_t::blendv(v.exp_u20(), v, v.isnan());
+}
+
+// Running max of logits. It may drop a NaN: fast_exp carries NaN into the row sum instead,
+// and a NaN sum makes every output of the row NaN, as a NaN max would.
+template <typename acc_vec_t>
+inline acc_vec_t running_max(const acc_vec_t& a, const acc_vec_t& b) {
+  return at::vec::maximum(a, b);
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
 // AVX-512: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, a degree-6 Taylor
 // polynomial for e^r (error ~1e-7 relative) and vscalefps for the 2^n: 11
-// instructions against exp_u20's ~18, with the underflow handled by a zero mask.
+// instructions against ~20, results below FLT_MIN flushed to 0 by a zero mask
+// that lets NaN through.
 template <>
-inline at::vec::Vectorized<float> exp_nonpositive(const at::vec::Vectorized<float>& v) {
+inline at::vec::Vectorized<float> fast_exp(const at::vec::Vectorized<float>& v) {
   const __m512 x = v;
-  const __mmask16 normal = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654f), _CMP_GE_OQ);
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654f), _CMP_NLT_UQ);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);  // ln2 split in two for an exact n*ln2
@@ -87,20 +95,15 @@ inline at::vec::Vectorized<float> exp_nonpositive(const at::vec::Vectorized<floa
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_maskz_scalef_ps(normal, p, n);
+  return _mm512_maskz_scalef_ps(keep, p, n);
+}
+
+template <>
+inline at::vec::Vectorized<float> running_max(const at::vec::Vectorized<float>& a,
+                                              const at::vec::Vectorized<float>& b) {
+  return _mm512_max_ps(a, b);  // one instruction; ATen's maximum adds a NaN fix-up
 }
 #endif
-
-// exp_nonpositive that propagates NaN.
-template <typename acc_vec_t>
-inline acc_vec_t fast_exp(const acc_vec_t& v) {
-  return acc_vec_t::blendv(exp_nonpositive(v), v, v.isnan());
-}
-
-template <typename acc_vec_t>
-inline acc_vec_t nan_maximum(const acc_vec_t& a, const acc_vec_t& b) {
-  return at::vec::maximum(a, b);  // propagates NaN
-}
 
 template <typename acc_t>
 inline acc_t reduce_max(const at::vec::Vectorized<acc_t>& v) {
