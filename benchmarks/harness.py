@@ -26,11 +26,16 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_fn(fn: Callable[[], object], device: str, warmup: int, reps: int) -> Timing:
-    """Wall time per call (median, p20, p80) and the process CPU time over the same calls."""
-    for _ in range(warmup):
+def time_fn(fn: Callable[[], object], device: str, warmup: int, reps: int, min_seconds: float = 0.3) -> Timing:
+    """Wall time per call (median, p20, p80) and the process CPU time over the same calls.
+
+    At least ``reps`` calls, more for fast calls so that about ``min_seconds`` is measured."""
+    t0 = time.perf_counter()
+    for _ in range(max(warmup, 1)):
         fn()
     _sync(device)
+    per_call = (time.perf_counter() - t0) / max(warmup, 1)
+    reps = min(max(reps, int(min_seconds / max(per_call, 1e-6))), 1000)
     walls = []
     cpu0 = time.process_time()
     for _ in range(reps):

@@ -86,13 +86,20 @@ void backward_row(const scalar_t* dy, const scalar_t* y, scalar_t* dx, int64_t C
   using acc_t = acc_type<scalar_t>;
   using Vec = AccVec<scalar_t>;
   constexpr int64_t kVec = Vec::size();
-  Vec vdot(0);
+  // Four independent accumulators: one would serialize on the add latency.
+  constexpr int kAcc = 4;
+  Vec vdot[kAcc] = {Vec(0), Vec(0), Vec(0), Vec(0)};
+  auto term = [&](int64_t at) {
+    const Vec g = load_acc(dy + at);
+    return kLog ? g : g * load_acc(y + at);
+  };
   int64_t c = 0;
-  for (; c + kVec <= C; c += kVec) {
-    const Vec g = load_acc(dy + c);
-    vdot += kLog ? g : g * load_acc(y + c);
+  for (; c + kAcc * kVec <= C; c += kAcc * kVec) {
+    ALCHEMY_UNROLL
+    for (int j = 0; j < kAcc; ++j) vdot[j] += term(c + j * kVec);
   }
-  acc_t dot = reduce_sum(vdot);
+  for (; c + kVec <= C; c += kVec) vdot[0] += term(c);
+  acc_t dot = reduce_sum((vdot[0] + vdot[1]) + (vdot[2] + vdot[3]));
   for (; c < C; ++c) dot += grad_dot_term<kLog>(static_cast<acc_t>(dy[c]), static_cast<acc_t>(y[c]));
   const Vec vd(dot), vinv(inv_t);
   for (c = 0; c + kVec <= C; c += kVec) {
