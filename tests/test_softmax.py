@@ -264,3 +264,23 @@ def test_cuda_matches_cpu(dtype, classes):
 
 def test_tolerance_table_covers_dtypes():
     assert set(TOLERANCES) == set(DTYPES)
+
+
+def test_torch_compile_recompiles_when_backend_changes():
+    """The backend is read at trace time; a change must be guarded, not baked into the graph."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(str(gm.code))
+        return gm.forward
+
+    torch._dynamo.reset()
+    fn = torch.compile(lambda t: ao.log_softmax(t, temperature=2.0), backend=record, fullgraph=True)
+    x = _make((4, 9), torch.float32)
+    with ao.backend("cpp"):
+        y_cpp = fn(x)
+    with ao.backend("reference"):
+        y_ref = fn(x)
+    assert len(graphs) == 2
+    assert "alchemy_ops.softmax_forward" in graphs[0] and "alchemy_ops" not in graphs[1]
+    torch.testing.assert_close(y_cpp, y_ref)

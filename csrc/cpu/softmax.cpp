@@ -5,6 +5,8 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include <vector>
+
 #include <alchemy/online_softmax.h>
 #include <alchemy/softmax_host.h>
 
@@ -20,9 +22,10 @@ namespace {
 constexpr int kVecsPerStep = 8;
 
 // Adds the N vectors at x to lane sums kept under `stats.max` (the row max so far).
+// If `kept` is set, also stores there each exp((x - stats.max) * inv_t) it computed.
 template <int N, typename scalar_t>
 inline void stats_step(const scalar_t* x, SoftmaxStats<acc_type<scalar_t>>& stats, AccVec<scalar_t>& vsum,
-                       acc_type<scalar_t> inv_t) {
+                       acc_type<scalar_t> inv_t, acc_type<scalar_t>* kept) {
   using acc_t = acc_type<scalar_t>;
   using Vec = AccVec<scalar_t>;
   Vec v[N];
@@ -38,6 +41,10 @@ inline void stats_step(const scalar_t* x, SoftmaxStats<acc_type<scalar_t>>& stat
   const Vec shift(finite_shift(new_max)), vinv(inv_t);
   ALCHEMY_UNROLL
   for (int j = 0; j < N; ++j) v[j] = fast_exp((v[j] - shift) * vinv);
+  if (kept != nullptr) {
+    ALCHEMY_UNROLL
+    for (int j = 0; j < N; ++j) v[j].store(kept + j * Vec::size());
+  }
   ALCHEMY_UNROLL
   for (int w = 1; w < N; w *= 2)  // pairwise: short dependency chains
     ALCHEMY_UNROLL
@@ -45,17 +52,24 @@ inline void stats_step(const scalar_t* x, SoftmaxStats<acc_type<scalar_t>>& stat
   vsum = vsum + v[0];
 }
 
-// Rows path: statistics of one contiguous row x[0..C).
+// Rows path: statistics of one contiguous row x[0..C). With `kept`, the exps of
+// the vectorized part are left in kept[0..) and the max after each step in step_max.
 template <typename scalar_t>
-SoftmaxStats<acc_type<scalar_t>> row_stats(const scalar_t* x, int64_t C, acc_type<scalar_t> inv_t) {
+SoftmaxStats<acc_type<scalar_t>> row_stats(const scalar_t* x, int64_t C, acc_type<scalar_t> inv_t,
+                                           acc_type<scalar_t>* kept = nullptr,
+                                           std::vector<acc_type<scalar_t>>* step_max = nullptr) {
   using acc_t = acc_type<scalar_t>;
   using Vec = AccVec<scalar_t>;
   constexpr int64_t kVec = Vec::size();
   SoftmaxStats<acc_t> stats = empty_stats<acc_t>();
   Vec vsum(0);
+  auto step = [&](auto n, int64_t c) {
+    stats_step<decltype(n)::value>(x + c, stats, vsum, inv_t, kept ? kept + c : nullptr);
+    if (step_max) step_max->push_back(stats.max);
+  };
   int64_t c = 0;
-  for (; c + kVecsPerStep * kVec <= C; c += kVecsPerStep * kVec) stats_step<kVecsPerStep>(x + c, stats, vsum, inv_t);
-  for (; c + kVec <= C; c += kVec) stats_step<1>(x + c, stats, vsum, inv_t);
+  for (; c + kVecsPerStep * kVec <= C; c += kVecsPerStep * kVec) step(std::integral_constant<int, kVecsPerStep>{}, c);
+  for (; c + kVec <= C; c += kVec) step(std::integral_constant<int, 1>{}, c);
   stats.sum = reduce_sum(vsum);
   for (; c < C; ++c) {
     const acc_t tail[1] = {static_cast<acc_t>(x[c])};
@@ -64,11 +78,40 @@ SoftmaxStats<acc_type<scalar_t>> row_stats(const scalar_t* x, int64_t C, acc_typ
   return stats;
 }
 
+// Softmax rows that fit in L2 with their output: the statistics pass leaves
+// exp(x - running max) in y, so the output pass is one multiply per element
+// (a per-step rescale) instead of re-reading x and another exp.
+constexpr int64_t kKeptExpMaxClasses = 32768;
+
+template <typename in_t>
+void softmax_row_kept_exp(const in_t* x, acc_type<in_t>* y, int64_t C, acc_type<in_t> inv_t) {
+  using acc_t = acc_type<in_t>;
+  using Vec = AccVec<in_t>;
+  constexpr int64_t kVec = Vec::size();
+  thread_local std::vector<acc_t> step_max;
+  step_max.clear();
+  const SoftmaxStats<acc_t> stats = row_stats(x, C, inv_t, y, &step_max);
+  const SoftmaxOutput<acc_t> k = output_constants(stats);  // NaN for degenerate rows
+  int64_t c = 0;
+  size_t step = 0;
+  auto rescale = [&](int64_t vecs) {  // the steps of row_stats, in the same order
+    // A step whose max was -inf kept only zeros: rescale_factor is 0, never inf.
+    const Vec factor(rescale_factor(step_max[step++], stats.max, inv_t) * k.inv_sum);
+    for (int64_t end = c + vecs * kVec; c < end; c += kVec) (Vec::loadu(y + c) * factor).store(y + c);
+  };
+  while (c + kVecsPerStep * kVec <= C) rescale(kVecsPerStep);
+  while (c + kVec <= C) rescale(1);
+  for (; c < C; ++c) y[c] = softmax_output<false>(static_cast<acc_t>(x[c]), k, inv_t);
+}
+
 template <typename in_t, typename out_t, bool kLog>
 void forward_row(const in_t* x, out_t* y, int64_t C, acc_type<in_t> inv_t) {
   using acc_t = acc_type<in_t>;
   using Vec = AccVec<in_t>;
   constexpr int64_t kVec = Vec::size();
+  if constexpr (!kLog && std::is_same_v<out_t, acc_t>) {
+    if (C <= kKeptExpMaxClasses) return softmax_row_kept_exp(x, y, C, inv_t);
+  }
   const SoftmaxOutput<acc_t> k = output_constants(row_stats(x, C, inv_t));
   // A degenerate row has NaN constants, which the products below carry to every output.
   const Vec shift(k.shift), vinv(inv_t), neg_log_sum(-k.log_sum), inv_sum(k.inv_sum);
