@@ -8,7 +8,12 @@ import os
 import pytest
 import torch
 
-import alchemy_ops as ao
+# Without a GPU the Triton kernels run on CPU tensors in Triton's interpreter, which must be chosen
+# before triton is imported: set it here so a plain `pytest` never silently drops the backend.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import alchemy_ops as ao  # noqa: E402
 
 
 def _poison_cpu_allocations() -> None:
