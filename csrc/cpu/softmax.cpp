@@ -8,10 +8,10 @@
 #include <vector>
 
 #include <alchemy/online_softmax.h>
+#include <alchemy/row_layout.h>
 #include <alchemy/softmax_host.h>
 
 #include "huge_pages.h"
-#include <alchemy/row_layout.h>
 #include "vec_math.h"
 
 namespace alchemy::cpu {
