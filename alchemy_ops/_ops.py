@@ -63,10 +63,12 @@ def _register_softmax(forward, backward) -> None:
     torch.library.register_fake(forward, _softmax_forward_fake)
     torch.library.register_fake(backward, _softmax_backward_fake)
 
+    backward_op = getattr(ops, backward.split("::")[1])  # looked up once, not per backward call
+
     def grad(ctx, grad_output):
         (output,) = ctx.saved_tensors
         dim, temperature, log = ctx.args
-        grad_input = getattr(ops, backward.split("::")[1])(grad_output, output, dim, temperature, log)
+        grad_input = backward_op(grad_output, output, dim, temperature, log)
         return grad_input.to(ctx.input_dtype), None, None, None, None
 
     torch.library.register_autograd(forward, grad, setup_context=_softmax_setup_context)
