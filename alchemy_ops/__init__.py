@@ -1,10 +1,11 @@
 """alchemy_ops: fused, numerically stable softmax-family kernels for PyTorch (CPU, CUDA, Triton)."""
 
-from . import _extension, _ops  # noqa: F401  (operators, fake kernels, autograd)
+from . import _extension, _ops, nn  # noqa: F401  (operators, fake kernels, autograd)
 from . import triton as _triton  # noqa: F401  (registers the triton_* kernels when triton is installed)
 from ._backend import available_backends, backend
 from ._checks import DimensionError
+from .cross_entropy import cross_entropy
 from .softmax import log_softmax, softmax
 
-__all__ = ["available_backends", "backend", "DimensionError", "log_softmax", "softmax"]
+__all__ = ["available_backends", "backend", "cross_entropy", "DimensionError", "log_softmax", "nn", "softmax"]
 __version__ = "0.1.0"

@@ -77,3 +77,81 @@ def _register_softmax(forward, backward) -> None:
 
 _register_softmax("alchemy_ops::softmax_forward", "alchemy_ops::softmax_backward")
 _register_softmax("alchemy_ops::triton_softmax_forward", "alchemy_ops::triton_softmax_backward")
+
+
+def _positions_shape(input: torch.Tensor) -> list[int]:
+    """The shape of a per-position cross-entropy result: the input's without its class dim."""
+    shape = list(input.shape)
+    del shape[1 if input.dim() > 1 else 0]
+    return shape
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _cross_entropy_forward_fake(input, target, weight, ignore_index, label_smoothing, z_loss, softcap, check):
+    shape, acc = _positions_shape(input), _acc_dtype(input.dtype)
+    return input.new_empty(shape, dtype=acc), input.new_empty(shape, dtype=acc)
+
+
+def _cross_entropy_inplace_fake(
+    input, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap, check
+):
+    return _cross_entropy_forward_fake(input, target, weight, ignore_index, label_smoothing, z_loss, softcap, check)
+
+
+def _cross_entropy_backward_fake(grad_loss, input, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap):
+    return torch.empty_like(input)
+
+
+def _cross_entropy_setup_context(ctx, inputs, output):
+    input, target, weight, ignore_index, label_smoothing, z_loss, softcap, _ = inputs
+    _, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(input, target, weight, lse)
+    ctx.args = (ignore_index, label_smoothing, z_loss, softcap)
+
+
+def _prob_target_grad(input, weight, lse, grad_loss, label_smoothing, softcap, target_dtype):
+    """d loss / d probability target: (1 - eps) w_c (lse - z_c), only built when the target needs it."""
+    cls = 1 if input.dim() > 1 else 0
+    z = input.to(lse.dtype)
+    if softcap > 0:
+        z = softcap * torch.tanh(z / softcap)
+    grad = (lse.unsqueeze(cls) - z) * (grad_loss.unsqueeze(cls) * (1 - label_smoothing))
+    if weight is not None:
+        grad = grad * weight.view([-1] + [1] * (input.dim() - cls - 1))
+    return grad.to(target_dtype)
+
+
+def _register_cross_entropy(forward, backward, inplace) -> None:
+    torch.library.register_fake(forward, _cross_entropy_forward_fake)
+    torch.library.register_fake(backward, _cross_entropy_backward_fake)
+    torch.library.register_fake(inplace, _cross_entropy_inplace_fake)
+    backward_op = getattr(ops, backward.split("::")[1])
+
+    def grad(ctx, grad_loss, _grad_lse):
+        input, target, weight, lse = ctx.saved_tensors
+        ignore_index, label_smoothing, z_loss, softcap = ctx.args
+        grad_input = grad_target = None
+        if ctx.needs_input_grad[0]:
+            g = grad_loss.to(lse.dtype).contiguous()
+            grad_input = backward_op(g, input, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap)
+        if ctx.needs_input_grad[1]:  # a probability target that requires grad
+            grad_target = _prob_target_grad(input, weight, lse, grad_loss, label_smoothing, softcap, target.dtype)
+        return grad_input, grad_target, None, None, None, None, None, None
+
+    torch.library.register_autograd(forward, grad, setup_context=_cross_entropy_setup_context)
+
+
+_register_cross_entropy(
+    "alchemy_ops::cross_entropy_forward",
+    "alchemy_ops::cross_entropy_backward",
+    "alchemy_ops::cross_entropy_forward_inplace",
+)
+_register_cross_entropy(
+    "alchemy_ops::triton_cross_entropy_forward",
+    "alchemy_ops::triton_cross_entropy_backward",
+    "alchemy_ops::triton_cross_entropy_forward_inplace",
+)

@@ -1,0 +1,203 @@
+"""``cross_entropy``: PyTorch's cross-entropy with the target gather fused in, in one pass per row.
+
+No log-probabilities, one-hot targets or other N x C intermediates: forward reads the logits once
+and keeps one fp32 log-sum-exp per position; backward reads them once more and writes the gradient.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch.nn import _reduction
+
+from . import _checks, reference
+from ._backend import resolve
+from ._ops import ops
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+def _class_dim(input: torch.Tensor) -> int:
+    return 1 if input.dim() > 1 else 0
+
+
+def _check_number(name: str, value: object, low: float, high: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"alchemy_ops: {name} must be a Python number, got {type(value).__name__}")
+    v = float(value)
+    if not (math.isfinite(v) and low <= v <= high):
+        bounds = f"in [{low}, {high}]" if math.isfinite(high) else f"finite and >= {low}"
+        raise ValueError(f"alchemy_ops: {name} must be {bounds}, got {value}")
+    return v
+
+
+def _check_arguments(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap):
+    """Every check that needs no look at the values, with the message that says what to do."""
+    input = _checks.check_tensor("input", input)
+    target = _checks.check_tensor("target", target)
+    if not input.is_floating_point():
+        raise TypeError(
+            f"alchemy_ops: cross_entropy input must be floating-point, got {input.dtype}; cast with .float()"
+        )
+    if input.dim() == 0:
+        raise ValueError("alchemy_ops: cross_entropy input must have a class dim: shape (C), (N, C) or (N, C, d1, ...)")
+    classes = input.shape[_class_dim(input)]
+    if classes == 0:
+        raise ValueError(f"alchemy_ops: cross_entropy needs at least one class; input has shape {tuple(input.shape)}")
+    if target.device != input.device:
+        raise ValueError(
+            f"alchemy_ops: target is on {target.device} but input is on {input.device}; move it with .to()"
+        )
+    positions = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
+    if target.is_floating_point():
+        if target.shape != input.shape:
+            raise TypeError(
+                f"alchemy_ops: a floating-point target is read as class probabilities and must have the input's "
+                f"shape {tuple(input.shape)}, got {tuple(target.shape)}; for class indices cast target with .long()"
+            )
+        target = target.to(input.dtype)
+    elif target.dtype == torch.bool or target.is_complex():
+        raise TypeError(f"alchemy_ops: target must hold class indices (int64), got {target.dtype}; cast with .long()")
+    else:
+        if target.shape != positions:
+            raise ValueError(
+                f"alchemy_ops: for input of shape {tuple(input.shape)} the class-index target must have shape "
+                f"{tuple(positions)}, got {tuple(target.shape)}"
+            )
+        target = target.long()
+    if weight is not None:
+        weight = _checks.check_tensor("weight", weight)
+        if not weight.is_floating_point():
+            raise TypeError(f"alchemy_ops: weight must be floating-point, got {weight.dtype}")
+        if weight.shape != (classes,):
+            raise ValueError(
+                f"alchemy_ops: weight must have shape ({classes},) (one per class), got {tuple(weight.shape)}"
+            )
+        if weight.device != input.device:
+            raise ValueError(f"alchemy_ops: weight is on {weight.device} but input is on {input.device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"alchemy_ops: ignore_index must be an int, got {type(ignore_index).__name__}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"alchemy_ops: reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
+    label_smoothing = _check_number("label_smoothing", label_smoothing, 0.0, 1.0)
+    z_loss = _check_number("z_loss", z_loss, 0.0)
+    if softcap is not None:
+        softcap = _check_number("softcap", softcap, 0.0)
+        if softcap == 0:
+            raise ValueError("alchemy_ops: softcap must be > 0 (or None for no softcap)")
+    return input, target, weight, int(ignore_index), label_smoothing, z_loss, softcap
+
+
+def check_class_targets(target: torch.Tensor, classes: int, ignore_index: int) -> None:
+    """Raises IndexError naming the first class index outside [0, classes) that is not ignore_index."""
+    bad = (target != ignore_index) & ((target < 0) | (target >= classes))
+    if bad.any():
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        raise IndexError(
+            f"alchemy_ops: target {int(target[where])} at position {where} is out of range for {classes} classes "
+            f"(expected 0 <= target < {classes} or ignore_index={ignore_index})"
+        )
+
+
+def _reduce(loss: torch.Tensor, target, weight, ignore_index: int, classes: int, reduction: str, dtype):
+    if reduction == "none":
+        return loss.to(dtype)
+    total = loss.sum()
+    if reduction == "mean":
+        total = total / reference.cross_entropy_mean_denominator(target, weight, ignore_index, classes, loss.dtype)
+    return total.to(dtype)
+
+
+class _CrossEntropyInplaceBackward(torch.autograd.Function):
+    """Forward writes the gradient (for a unit upstream gradient) into the logits; backward only
+    scales it by the upstream gradient, in place, when that is not exactly 1."""
+
+    @staticmethod
+    def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, check, op):
+        classes = input.shape[_class_dim(input)]
+        acc = reference.acc_dtype(input.dtype)
+        positions = target.shape if not target.is_floating_point() else input.sum(_class_dim(input)).shape
+        if reduction == "mean":
+            scale = 1.0 / reference.cross_entropy_mean_denominator(target, weight, ignore_index, classes, acc)
+        else:
+            scale = torch.ones((), dtype=acc, device=input.device)
+        grad_scale = scale.expand(positions).contiguous()
+        loss, _ = op(input, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap, check)
+        ctx.save_for_backward(input)  # now the gradient
+        ctx.reduction = reduction
+        return _reduce(loss, target, weight, ignore_index, classes, reduction, input.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        if ctx.reduction == "none":
+            grad.mul_(grad_output.unsqueeze(_class_dim(grad)) if grad.dim() > 1 else grad_output)
+        elif not bool((grad_output == 1).all()):
+            grad.mul_(grad_output)
+        return grad, None, None, None, None, None, None, None, None, None
+
+
+def cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    inplace_backward: bool = False,
+    check_target: bool = True,
+) -> torch.Tensor:
+    """Cross-entropy between logits and targets, as ``torch.nn.functional.cross_entropy``.
+
+    Args:
+        input: logits, shape ``(C)``, ``(N, C)`` or ``(N, C, d1, ..., dk)`` (class dim 1, read in place
+            at any strides); fp32, bf16, fp16 or fp64.
+        target: class indices, int64 of shape ``()``, ``(N)`` or ``(N, d1, ..., dk)`` (values in
+            ``[0, C)`` or ``ignore_index``); or class probabilities, floating-point of the input's shape.
+        weight: optional per-class weights, shape ``(C)``.
+        size_average, reduce: deprecated, mapped to ``reduction`` as PyTorch does.
+        ignore_index: class-index value whose positions add no loss and no gradient.
+        reduction: ``"none"`` (loss per position), ``"mean"`` (divided by the summed weight of the
+            non-ignored targets; by the number of positions for probabilities) or ``"sum"``.
+        label_smoothing: in ``[0, 1]``, PyTorch's formula (including its interplay with ``weight``).
+        z_loss: keyword-only extra; adds ``z_loss * logsumexp(z)**2`` per (non-ignored) position.
+        softcap: keyword-only extra; the logits become ``softcap * tanh(input / softcap)`` first.
+        inplace_backward: keyword-only extra; forward writes the gradient into ``input``'s memory (no
+            logits-sized allocation for it). ``input`` is consumed: its values are the gradient
+            afterwards, and autograd raises if something else saved it for backward.
+        check_target: raise ``IndexError`` (value and position) for a class index outside ``[0, C)``
+            that is not ``ignore_index``. On a GPU the check synchronizes; pass False to skip it (e.g.
+            under CUDA graph capture): such a position then gets a NaN loss, never a device assert.
+
+    Returns:
+        The loss in the input's dtype: a scalar, or per position for ``reduction="none"``. It is
+        accumulated in fp32 (fp64 for fp64 input) whatever the input dtype.
+    """
+    if size_average is not None or reduce is not None:
+        reduction = _reduction.legacy_get_string(size_average, reduce)
+    input, target, weight, ignore_index, label_smoothing, z_loss, softcap = _check_arguments(
+        input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap
+    )
+    classes = input.shape[_class_dim(input)]
+    which = resolve(input)
+    if which == "reference":
+        if check_target and not target.is_floating_point():
+            check_class_targets(target, classes, ignore_index)
+        return reference.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
+    acc_weight = None if weight is None else weight.to(reference.acc_dtype(input.dtype))
+    cap = 0.0 if softcap is None else softcap
+    if inplace_backward and input.requires_grad and torch.is_grad_enabled():
+        op = ops.cross_entropy_forward_inplace if which == "cpp" else ops.triton_cross_entropy_forward_inplace
+        return _CrossEntropyInplaceBackward.apply(
+            input, target, acc_weight, ignore_index, reduction, label_smoothing, z_loss, cap, check_target, op
+        )
+    op = ops.cross_entropy_forward if which == "cpp" else ops.triton_cross_entropy_forward
+    loss, _ = op(input, target, acc_weight, ignore_index, label_smoothing, z_loss, cap, check_target)
+    return _reduce(loss, target, acc_weight, ignore_index, classes, reduction, input.dtype)

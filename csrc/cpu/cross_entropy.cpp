@@ -1,0 +1,348 @@
+// CPU kernels of cross_entropy_forward / _backward / _forward_inplace.
+//
+// Per position, one read of its logits row for the online statistics (the target
+// logit and the smoothing / probability-target sums come from the same row while it
+// is in cache), then the loss; backward re-reads the row once and writes the
+// gradient once. The in-place variant writes the gradient into the logits right
+// after the statistics, so the row is read from memory once and written once.
+// Rows with unit class stride are worked on in place; other layouts (class dim 1 of
+// [N, C, d...]) and softcapped logits go through a per-thread contiguous row buffer,
+// consecutive positions sharing cache lines.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <vector>
+
+#include <alchemy/cross_entropy.h>
+#include <alchemy/cross_entropy_host.h>
+
+#include "huge_pages.h"
+#include "row_stats.h"
+#include "vec_math.h"
+
+namespace alchemy::cpu {
+namespace {
+
+// sum_c f(c) over a row: vec_term(c) for kVec lanes at c, scalar_term(c) for the tail;
+// four independent accumulators so the adds do not serialize.
+template <typename acc_t, typename VecTerm, typename ScalarTerm>
+acc_t row_sum(int64_t C, const VecTerm& vec_term, const ScalarTerm& scalar_term) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t kVec = Vec::size();
+  Vec acc[4] = {Vec(0), Vec(0), Vec(0), Vec(0)};
+  int64_t c = 0;
+  for (; c + 4 * kVec <= C; c += 4 * kVec) {
+    ALCHEMY_UNROLL
+    for (int j = 0; j < 4; ++j) acc[j] += vec_term(c + j * kVec);
+  }
+  for (; c + kVec <= C; c += kVec) acc[0] += vec_term(c);
+  acc_t sum = reduce_sum((acc[0] + acc[1]) + (acc[2] + acc[3]));
+  for (; c < C; ++c) sum += scalar_term(c);
+  return sum;
+}
+
+// A row's view for the kernels: contiguous logits z (capped, in the input dtype or acc_t),
+// the probability target t (or nullptr), the class weights w (or nullptr).
+template <typename acc_t>
+struct RowContext {
+  const CrossEntropyConfig<acc_t>& cfg;
+  const acc_t* w;
+};
+
+template <typename acc_t>
+inline at::vec::Vectorized<acc_t> load_weight(const acc_t* w, int64_t c) {
+  return w ? at::vec::Vectorized<acc_t>::loadu(w + c) : at::vec::Vectorized<acc_t>(1);
+}
+
+template <typename acc_t>
+inline acc_t weight_at(const acc_t* w, int64_t c) {
+  return w ? w[c] : acc_t(1);
+}
+
+// sum_c w_c t'_c and sum_c w_c t'_c z_c of a probability target row.
+template <typename acc_t, typename R, typename T>
+std::pair<acc_t, acc_t> prob_target_sums(const R* z, const T* t, const RowContext<acc_t>& ctx) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const auto& cfg = ctx.cfg;
+  const Vec keep(acc_t(1) - cfg.smoothing), spread(cfg.smoothing / acc_t(cfg.classes));
+  auto wt = [&](int64_t c) { return load_weight(ctx.w, c) * at::vec::fmadd(load_acc(t + c), keep, spread); };
+  auto wt_scalar = [&](int64_t c) { return weight_at(ctx.w, c) * smoothed_prob(static_cast<acc_t>(t[c]), cfg); };
+  const acc_t mass = row_sum<acc_t>(cfg.classes, wt, wt_scalar);
+  // Per element, as PyTorch: a zero target at a -inf logit gives NaN, a smoothed one +inf.
+  const acc_t dot = row_sum<acc_t>(
+      cfg.classes, [&](int64_t c) { return wt(c) * load_acc(z + c); },
+      [&](int64_t c) { return wt_scalar(c) * static_cast<acc_t>(z[c]); });
+  return {mass, dot};
+}
+
+// Loss and lse of one row whose class index y is valid (or of a probability row).
+template <typename acc_t, typename R, typename T>
+std::pair<acc_t, acc_t> row_loss(const R* z, const T* t, int64_t y, const RowContext<acc_t>& ctx) {
+  const auto& cfg = ctx.cfg;
+  const acc_t lse = log_sum_exp(row_stats(z, cfg.classes, acc_t(1)));
+  if (t != nullptr) {
+    const auto [mass, dot] = prob_target_sums(z, t, ctx);
+    return {prob_target_loss(lse, mass, dot, cfg), lse};
+  }
+  acc_t weighted_sum = 0;
+  if (cfg.smoothing > 0) {
+    weighted_sum = row_sum<acc_t>(
+        cfg.classes, [&](int64_t c) { return load_weight(ctx.w, c) * load_acc(z + c); },
+        [&](int64_t c) { return weight_at(ctx.w, c) * static_cast<acc_t>(z[c]); });
+  }
+  return {class_target_loss(lse, static_cast<acc_t>(z[y]), weight_at(ctx.w, y), weighted_sum, cfg), lse};
+}
+
+// dx = g * (a * p_c - b_c) * dz/dx for one row, p_c = exp(z_c - lse). x_target is the
+// uncapped logit at y, read before dx (which may alias z) is written.
+template <typename acc_t, typename R, typename T, typename D>
+void row_grad(const R* z, const T* t, int64_t y, acc_t x_target, acc_t g, acc_t lse, const RowContext<acc_t>& ctx,
+              D* dx) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t kVec = Vec::size();
+  const auto& cfg = ctx.cfg;
+  const int64_t C = cfg.classes;
+  const bool soft = t != nullptr;
+  const acc_t w_y = soft ? acc_t(0) : weight_at(ctx.w, y);
+  const acc_t mass = soft ? prob_target_sums(z, t, ctx).first : class_target_mass(w_y, cfg);
+  const acc_t a = grad_prob_coeff(mass, lse, cfg);
+  const acc_t target_grad = soft ? acc_t(0) : class_target_grad_at_target(g, x_target, lse, w_y, cfg);
+  const Vec va(a), vg(g), vlse(lse), keep(acc_t(1) - cfg.smoothing), spread(cfg.smoothing / acc_t(C));
+  const Vec inv_cap(cfg.softcap > 0 ? acc_t(1) / cfg.softcap : acc_t(0)), one(1);
+  auto grad = [&](const Vec& zc, const Vec& b) {
+    Vec d = va * fast_exp(zc - vlse) - b;
+    if (cfg.softcap > 0) {
+      const Vec th = zc * inv_cap;  // z = softcap * tanh(x / softcap)
+      d = d * (one - th * th);
+    }
+    return vg * d;
+  };
+  int64_t c = 0;
+  for (; c + kVec <= C; c += kVec) {
+    const Vec b = soft ? load_weight(ctx.w, c) * at::vec::fmadd(load_acc(t + c), keep, spread)
+                       : load_weight(ctx.w, c) * spread;
+    store_acc(dx + c, grad(load_acc(z + c), b));
+  }
+  for (; c < C; ++c) {
+    const acc_t zc = static_cast<acc_t>(z[c]);
+    const acc_t b = soft ? weight_at(ctx.w, c) * smoothed_prob(static_cast<acc_t>(t[c]), cfg)
+                         : smoothing_grad_term(weight_at(ctx.w, c), cfg);
+    acc_t d = a * exp_acc(zc - lse) - b;
+    if (cfg.softcap > 0) d *= acc_t(1) - (zc / cfg.softcap) * (zc / cfg.softcap);
+    dx[c] = static_cast<D>(g * d);
+  }
+  if (!soft) dx[y] = static_cast<D>(target_grad);  // p_y - 1 formed in acc_t, rounded once
+}
+
+// Per-thread contiguous copies of a row (capped logits, probability target, gradient).
+template <typename acc_t>
+struct RowBuffers {
+  std::vector<acc_t> z, t;
+};
+
+template <typename acc_t>
+RowBuffers<acc_t>& row_buffers(int64_t C) {
+  thread_local RowBuffers<acc_t> buffers;
+  if (static_cast<int64_t>(buffers.z.size()) < C) {
+    buffers.z.resize(C);
+    buffers.t.resize(C);
+  }
+  return buffers;
+}
+
+// z[c] = capped_logit(x[c * stride]) in acc_t.
+template <typename scalar_t, typename acc_t>
+void gather_capped(const scalar_t* x, int64_t stride, acc_t softcap, int64_t C, acc_t* z) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t kVec = Vec::size();
+  int64_t c = 0;
+  if (stride == 1 && softcap > 0) {
+    const Vec cap(softcap), inv(acc_t(1) / softcap);
+    for (; c + kVec <= C; c += kVec) (cap * (load_acc(x + c) * inv).tanh()).store(z + c);
+  }
+  for (; c < C; ++c) z[c] = capped_logit(static_cast<acc_t>(x[c * stride]), softcap);
+}
+
+template <typename scalar_t, typename acc_t>
+void gather(const scalar_t* t, int64_t stride, int64_t C, acc_t* out) {
+  for (int64_t c = 0; c < C; ++c) out[c] = static_cast<acc_t>(t[c * stride]);
+}
+
+template <typename scalar_t, typename acc_t>
+void fill_row(scalar_t* dx, int64_t stride, int64_t C, acc_t value) {
+  for (int64_t c = 0; c < C; ++c) dx[c * stride] = static_cast<scalar_t>(value);
+}
+
+template <typename scalar_t, typename acc_t>
+void scatter(const acc_t* src, int64_t C, scalar_t* dx, int64_t stride) {
+  for (int64_t c = 0; c < C; ++c) dx[c * stride] = static_cast<scalar_t>(src[c]);
+}
+
+enum class RowKind { Ignored, Bad, Valid };
+
+// Runs body(r, kind, y, z_row, t_row) over every position in parallel, with z_row the
+// row's (capped) logits and t_row its probability target (nullptr for class indices),
+// each either in place (unit stride, no softcap) or in this thread's buffers.
+template <typename scalar_t, typename Body>
+void for_each_position(const CrossEntropyProblem& p, const Body& body) {
+  using acc_t = acc_type<scalar_t>;
+  const scalar_t* x = p.x.const_data_ptr<scalar_t>();
+  const int64_t C = p.classes, inner = p.inner;
+  const int64_t* targets = p.soft ? nullptr : p.target.const_data_ptr<int64_t>();
+  const scalar_t* probs = p.soft ? p.target.const_data_ptr<scalar_t>() : nullptr;
+  const bool z_in_place = p.xs.cls == 1 && !(p.softcap > 0);
+  const auto softcap = static_cast<acc_t>(p.softcap);
+  const int64_t grain = std::max<int64_t>(1, 32768 / C);  // ~32K elements per task
+  at::parallel_for(0, p.rows(), grain, [&](int64_t begin, int64_t end) {
+    RowBuffers<acc_t>& buf = row_buffers<acc_t>(C);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t o = r / inner, i = r % inner;
+      const scalar_t* xr = x + o * p.xs.outer + i * p.xs.inner;
+      const int64_t y = targets ? targets[r] : 0;
+      if (targets && y == p.ignore_index) {
+        body(r, RowKind::Ignored, y, xr, static_cast<const scalar_t*>(nullptr));
+        continue;
+      }
+      if (targets && !target_in_range(y, C)) {
+        body(r, RowKind::Bad, y, xr, static_cast<const scalar_t*>(nullptr));
+        continue;
+      }
+      auto with_target = [&](const auto* zr) {
+        if (!probs) return body(r, RowKind::Valid, y, zr, static_cast<const scalar_t*>(nullptr));
+        const scalar_t* tr = probs + o * p.ts.outer + i * p.ts.inner;
+        if (p.ts.cls == 1) return body(r, RowKind::Valid, y, zr, tr);
+        gather(tr, p.ts.cls, C, buf.t.data());
+        body(r, RowKind::Valid, y, zr, static_cast<const acc_t*>(buf.t.data()));
+      };
+      if (z_in_place) {
+        with_target(xr);
+      } else {
+        gather_capped(xr, p.xs.cls, softcap, C, buf.z.data());
+        with_target(static_cast<const acc_t*>(buf.z.data()));
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void launch_forward(const CrossEntropyProblem& p, at::Tensor& loss_t, at::Tensor& lse_t, const at::Tensor& scale_t) {
+  using acc_t = acc_type<scalar_t>;
+  const CrossEntropyConfig<acc_t> cfg = p.config<acc_t>();
+  const RowContext<acc_t> ctx{cfg, p.weight.defined() ? p.weight.const_data_ptr<acc_t>() : nullptr};
+  acc_t* loss = loss_t.mutable_data_ptr<acc_t>();
+  acc_t* lse = lse_t.mutable_data_ptr<acc_t>();
+  const acc_t* scale = scale_t.defined() ? scale_t.const_data_ptr<acc_t>() : nullptr;
+  // In-place: the gradient goes into the logits (x is this op's mutable input).
+  scalar_t* x = scale ? p.x.mutable_data_ptr<scalar_t>() : nullptr;
+  const int64_t C = p.classes;
+  constexpr acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+  for_each_position<scalar_t>(p, [&](int64_t r, RowKind kind, int64_t y, const auto* z, const auto* t) {
+    scalar_t* xr = x ? x + (r / p.inner) * p.xs.outer + (r % p.inner) * p.xs.inner : nullptr;
+    if (kind != RowKind::Valid) {  // ignored: no loss, no gradient; bad (unchecked): NaN
+      const acc_t value = kind == RowKind::Ignored ? acc_t(0) : nan;
+      loss[r] = value;
+      lse[r] = value;
+      if (xr) fill_row(xr, p.xs.cls, C, value);
+      return;
+    }
+    const auto [row_loss_value, row_lse] = row_loss(z, t, y, ctx);
+    loss[r] = row_loss_value;
+    lse[r] = row_lse;
+    if (!xr) return;
+    const acc_t x_target = t ? acc_t(0) : static_cast<acc_t>(xr[y * p.xs.cls]);
+    using Z = std::remove_const_t<std::remove_pointer_t<decltype(z)>>;
+    if constexpr (std::is_same_v<Z, scalar_t>) {
+      row_grad(z, t, y, x_target, scale[r], row_lse, ctx, xr);  // z is xr: element-wise in place
+    } else {
+      acc_t* zbuf = const_cast<acc_t*>(z);  // this thread's buffer: overwrite it, then scatter
+      row_grad(z, t, y, x_target, scale[r], row_lse, ctx, zbuf);
+      scatter(zbuf, C, xr, p.xs.cls);
+    }
+  });
+}
+
+template <typename scalar_t>
+void launch_backward(const CrossEntropyProblem& p, const at::Tensor& g_t, const at::Tensor& lse_t, at::Tensor& dx_t,
+                     const RowStrides& ds) {
+  using acc_t = acc_type<scalar_t>;
+  const CrossEntropyConfig<acc_t> cfg = p.config<acc_t>();
+  const RowContext<acc_t> ctx{cfg, p.weight.defined() ? p.weight.const_data_ptr<acc_t>() : nullptr};
+  const acc_t* g = g_t.const_data_ptr<acc_t>();
+  const acc_t* lse = lse_t.const_data_ptr<acc_t>();
+  const scalar_t* x = p.x.const_data_ptr<scalar_t>();
+  scalar_t* dx = dx_t.mutable_data_ptr<scalar_t>();
+  const int64_t C = p.classes;
+  for_each_position<scalar_t>(p, [&](int64_t r, RowKind kind, int64_t y, const auto* z, const auto* t) {
+    const int64_t o = r / p.inner, i = r % p.inner;
+    scalar_t* dr = dx + o * ds.outer + i * ds.inner;
+    if (kind != RowKind::Valid) {
+      fill_row(dr, ds.cls, C, kind == RowKind::Ignored ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN());
+      return;
+    }
+    const acc_t x_target = t ? acc_t(0) : static_cast<acc_t>(x[o * p.xs.outer + i * p.xs.inner + y * p.xs.cls]);
+    if (ds.cls == 1) return row_grad(z, t, y, x_target, g[r], lse[r], ctx, dr);
+    thread_local std::vector<acc_t> grad;
+    grad.resize(C);
+    row_grad(z, t, y, x_target, g[r], lse[r], ctx, grad.data());
+    scatter(grad.data(), C, dr, ds.cls);
+  });
+}
+
+template <typename Launch>
+void dispatch_dtype(const CrossEntropyProblem& p, const Launch& launch) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "alchemy_cross_entropy",
+                                  [&] { launch(scalar_t{}); });
+}
+
+// One sequential pass over the class indices (N * inner int64 reads), before any write.
+void check_class_targets(const CrossEntropyProblem& p) {
+  const int64_t* t = p.target.const_data_ptr<int64_t>();
+  for (int64_t r = 0; r < p.rows(); ++r)
+    if (t[r] != p.ignore_index && !target_in_range(t[r], p.classes)) raise_bad_target(p, r, t[r]);
+}
+
+void forward_kernels(const CrossEntropyProblem& p, at::Tensor& loss, at::Tensor& lse, const at::Tensor& scale) {
+  dispatch_dtype(p, [&](auto tag) { launch_forward<decltype(tag)>(p, loss, lse, scale); });
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& input, const at::Tensor& target,
+                                                         const std::optional<at::Tensor>& weight,
+                                                         int64_t ignore_index, double label_smoothing, double z_loss,
+                                                         double softcap, bool check_target) {
+  const auto p = make_cross_entropy_problem(input, target, weight, ignore_index, label_smoothing, z_loss, softcap);
+  return cross_entropy_forward_host(input, p, check_target, nullptr, check_class_targets, forward_kernels);
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_inplace(at::Tensor& input, const at::Tensor& target,
+                                                                 const std::optional<at::Tensor>& weight,
+                                                                 const at::Tensor& grad_scale, int64_t ignore_index,
+                                                                 double label_smoothing, double z_loss, double softcap,
+                                                                 bool check_target) {
+  const auto p = make_cross_entropy_problem(input, target, weight, ignore_index, label_smoothing, z_loss, softcap);
+  return cross_entropy_forward_host(input, p, check_target, &grad_scale, check_class_targets, forward_kernels);
+}
+
+at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
+                                  const std::optional<at::Tensor>& weight, const at::Tensor& lse, int64_t ignore_index,
+                                  double label_smoothing, double z_loss, double softcap) {
+  const auto p = make_cross_entropy_problem(input, target, weight, ignore_index, label_smoothing, z_loss, softcap);
+  return cross_entropy_backward_host(
+      p, input, grad_loss, lse, [](at::Tensor& dx) { advise_huge_pages(dx); },
+      [&](const CrossEntropyProblem& q, const at::Tensor& g, const at::Tensor& l, at::Tensor& dx,
+          const RowStrides& ds) {
+        dispatch_dtype(q, [&](auto tag) { launch_backward<decltype(tag)>(q, g, l, dx, ds); });
+      });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(alchemy_ops, CPU, m) {
+  m.impl("cross_entropy_forward", &cross_entropy_forward);
+  m.impl("cross_entropy_backward", &cross_entropy_backward);
+  m.impl("cross_entropy_forward_inplace", &cross_entropy_forward_inplace);
+}
+
+}  // namespace alchemy::cpu

@@ -1,0 +1,74 @@
+#pragma once
+// One-read online-softmax statistics of a contiguous row, vectorized: shared by the
+// softmax and cross-entropy CPU kernels.
+#include <type_traits>
+#include <vector>
+
+#include <alchemy/online_softmax.h>
+
+#include "vec_math.h"
+
+namespace alchemy::cpu {
+
+// Vectors per online-softmax step: held in registers while their max is taken
+// and then exponentiated, so one exp per element and one rescale per step.
+constexpr int kVecsPerStep = 8;
+
+// Adds the N vectors at x to lane sums kept under `stats.max` (the row max so far).
+// If `kept` is set, also stores there each exp((x - stats.max) * inv_t) it computed.
+template <int N, typename scalar_t>
+inline void stats_step(const scalar_t* x, SoftmaxStats<acc_type<scalar_t>>& stats, AccVec<scalar_t>& vsum,
+                       acc_type<scalar_t> inv_t, acc_type<scalar_t>* kept) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = AccVec<scalar_t>;
+  Vec v[N];
+  ALCHEMY_UNROLL
+  for (int j = 0; j < N; ++j) v[j] = load_acc(x + j * Vec::size());
+  Vec vmax = v[0];
+  ALCHEMY_UNROLL
+  for (int j = 1; j < N; ++j) vmax = running_max(vmax, v[j]);
+  const acc_t new_max = nan_max(stats.max, reduce_max(vmax));
+  if (new_max != stats.max) vsum = vsum * Vec(rescale_factor(stats.max, new_max, inv_t));
+  stats.max = new_max;
+  // -inf entries give exp(-inf) = 0; a NaN entry makes the sum NaN.
+  const Vec shift(finite_shift(new_max)), vinv(inv_t);
+  ALCHEMY_UNROLL
+  for (int j = 0; j < N; ++j) v[j] = fast_exp((v[j] - shift) * vinv);
+  if (kept != nullptr) {
+    ALCHEMY_UNROLL
+    for (int j = 0; j < N; ++j) v[j].store(kept + j * Vec::size());
+  }
+  ALCHEMY_UNROLL
+  for (int w = 1; w < N; w *= 2)  // pairwise: short dependency chains
+    ALCHEMY_UNROLL
+    for (int j = 0; j + w < N; j += 2 * w) v[j] = v[j] + v[j + w];
+  vsum = vsum + v[0];
+}
+
+// Rows path: statistics of one contiguous row x[0..C). With `kept`, the exps of
+// the vectorized part are left in kept[0..) and the max after each step in step_max.
+template <typename scalar_t>
+inline SoftmaxStats<acc_type<scalar_t>> row_stats(const scalar_t* x, int64_t C, acc_type<scalar_t> inv_t,
+                                           acc_type<scalar_t>* kept = nullptr,
+                                           std::vector<acc_type<scalar_t>>* step_max = nullptr) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = AccVec<scalar_t>;
+  constexpr int64_t kVec = Vec::size();
+  SoftmaxStats<acc_t> stats = empty_stats<acc_t>();
+  Vec vsum(0);
+  auto step = [&](auto n, int64_t c) {
+    stats_step<decltype(n)::value>(x + c, stats, vsum, inv_t, kept ? kept + c : nullptr);
+    if (step_max) step_max->push_back(stats.max);
+  };
+  int64_t c = 0;
+  for (; c + kVecsPerStep * kVec <= C; c += kVecsPerStep * kVec) step(std::integral_constant<int, kVecsPerStep>{}, c);
+  for (; c + kVec <= C; c += kVec) step(std::integral_constant<int, 1>{}, c);
+  stats.sum = reduce_sum(vsum);
+  for (; c < C; ++c) {
+    const acc_t tail[1] = {static_cast<acc_t>(x[c])};
+    stats = accumulate(stats, tail, inv_t);
+  }
+  return stats;
+}
+
+}  // namespace alchemy::cpu
