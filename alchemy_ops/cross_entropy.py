@@ -125,6 +125,9 @@ class _CrossEntropyInplaceBackward(torch.autograd.Function):
             scale = torch.ones((), dtype=acc, device=input.device)
         grad_scale = scale.expand(positions).contiguous()
         loss, _ = op(input, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap, check)
+        # The op mutates input behind autograd's back: bump its version so that any node which
+        # saved the logits for its own backward raises instead of reading the gradient.
+        torch.autograd.graph.increment_version(input)
         ctx.save_for_backward(input)  # now the gradient
         ctx.reduction = reduction
         return _reduce(loss, target, weight, ignore_index, classes, reduction, input.dtype)

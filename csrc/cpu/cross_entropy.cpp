@@ -254,9 +254,9 @@ void launch_forward(const CrossEntropyProblem& p, at::Tensor& loss_t, at::Tensor
     if (!xr) return;
     const acc_t x_target = t ? acc_t(0) : static_cast<acc_t>(xr[y * p.xs.cls]);
     using Z = std::remove_const_t<std::remove_pointer_t<decltype(z)>>;
-    if constexpr (std::is_same_v<Z, scalar_t>) {
-      row_grad(z, t, y, x_target, scale[r], row_lse, ctx, xr);  // z is xr: element-wise in place
-    } else {
+    if (static_cast<const void*>(z) == static_cast<const void*>(xr)) {
+      row_grad(z, t, y, x_target, scale[r], row_lse, ctx, xr);  // element-wise in place
+    } else if constexpr (std::is_same_v<Z, acc_t>) {
       acc_t* zbuf = const_cast<acc_t*>(z);  // this thread's buffer: overwrite it, then scatter
       row_grad(z, t, y, x_target, scale[r], row_lse, ctx, zbuf);
       scatter(zbuf, C, xr, p.xs.cls);

@@ -1,0 +1,478 @@
+"""cross_entropy: every backend x dtype x shape x mode against float64 PyTorch, plus invariants,
+gradcheck, opcheck, torch.compile, in-place backward, nn.CrossEntropyLoss and every bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TOLERANCES, assert_close
+
+import alchemy_ops as ao
+from alchemy_ops import reference
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+OPS = torch.ops.alchemy_ops
+
+
+def _logits(shape, dtype=torch.float32, seed=0, layout="contiguous", spread=3.0):
+    """Random logits (never constant) in the requested layout; class dim 1 (0 for 1-d)."""
+    g = torch.Generator().manual_seed(seed)
+    if layout == "transposed":  # [N, C] whose class dim has the large stride
+        x = torch.randn(tuple(reversed(shape)), generator=g).t()
+    elif layout == "sliced":  # rows further apart than their length
+        x = torch.randn(*shape[:-1], shape[-1] + 3, generator=g)[..., 1 : 1 + shape[-1]]
+    elif layout == "permuted":  # [N, C, H, W] from a [C, H, N, W] buffer: outer dims do not collapse
+        n, c, h, w = shape
+        x = torch.randn(c, h, n, w, generator=g).permute(2, 0, 1, 3)
+    else:
+        x = torch.randn(shape, generator=g)
+    return (x * spread).to(dtype)
+
+
+def _class_dim(x):
+    return 1 if x.dim() > 1 else 0
+
+
+def _targets(x, seed=1, ignore_index=-100, ignore_every=4):
+    """Class indices for x, every `ignore_every`-th position set to ignore_index."""
+    classes = x.shape[_class_dim(x)]
+    shape = x.shape[:1] + x.shape[2:] if x.dim() > 1 else ()
+    t = torch.randint(0, classes, shape, generator=torch.Generator().manual_seed(seed))
+    if ignore_every and t.numel() > 1:
+        t.view(-1)[::ignore_every] = ignore_index
+    return t
+
+
+def _probabilities(x, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(torch.randn(x.shape, generator=g) * 2, _class_dim(x)).to(x.dtype)
+
+
+def _oracle(x, target, **kw):
+    """float64 PyTorch: F.cross_entropy itself, composed with the extras when they are used."""
+    x64 = x.double()
+    t = target.double() if target.is_floating_point() else target
+    w = kw.get("weight")
+    kw = dict(kw, weight=None if w is None else w.double())
+    if kw.get("z_loss") or kw.get("softcap") is not None:
+        return reference.cross_entropy(
+            x64, t, kw["weight"], kw.get("ignore_index", -100), kw.get("reduction", "mean"),
+            kw.get("label_smoothing", 0.0), kw.get("z_loss", 0.0), kw.get("softcap"),
+        )  # fmt: skip
+    return F.cross_entropy(x64, t, **kw)
+
+
+# (shape, layout): C=1, C=3, odd, more than one Triton block, K-dim, transposed, sliced, permuted, 1-d, empty.
+SHAPES = [
+    ((4, 1), "contiguous"),
+    ((5, 3), "contiguous"),
+    ((9, 37), "contiguous"),
+    ((3, 4500), "contiguous"),
+    ((2, 5, 3, 4), "contiguous"),
+    ((3, 7, 5), "contiguous"),
+    ((6, 37), "transposed"),
+    ((6, 37), "sliced"),
+    ((2, 5, 3, 4), "permuted"),
+    ((11,), "contiguous"),
+    ((0, 5), "contiguous"),
+    ((2, 5, 0), "contiguous"),
+]
+SHAPE_IDS = [f"{'x'.join(map(str, s))}-{lay}" for s, lay in SHAPES]
+
+# Keyword sets covering every PyTorch combination; "probs" switches to probability targets.
+MODES = {
+    "plain": {},
+    "sum": {"reduction": "sum"},
+    "none": {"reduction": "none"},
+    "weight": {"weight": True},
+    "ignore7-none": {"ignore_index": 0, "reduction": "none"},
+    "smooth": {"label_smoothing": 0.15},
+    "smooth-weight": {"label_smoothing": 0.3, "weight": True},
+    "smooth-weight-none": {"label_smoothing": 0.3, "weight": True, "reduction": "none"},
+    "probs": {"probs": True},
+    "probs-smooth-weight": {"probs": True, "label_smoothing": 0.2, "weight": True},
+    "probs-none": {"probs": True, "reduction": "none"},
+    "zloss-softcap": {"z_loss": 1e-2, "softcap": 2.5},
+    "zloss-smooth-weight-sum": {"z_loss": 1e-3, "label_smoothing": 0.1, "weight": True, "reduction": "sum"},
+    "probs-softcap-zloss": {"probs": True, "softcap": 4.0, "z_loss": 1e-2},
+}
+
+
+def _build(x, mode):
+    kw = dict(MODES[mode])
+    probs = kw.pop("probs", False)
+    if kw.pop("weight", False):
+        kw["weight"] = torch.rand(x.shape[_class_dim(x)], generator=torch.Generator().manual_seed(3)) + 0.2
+    target = _probabilities(x) if probs else _targets(x, ignore_index=kw.get("ignore_index", -100))
+    return target, kw
+
+
+def _check_against_oracle(x, target, kw, dtype, grad_scale=2.0):
+    x = x.detach().requires_grad_()
+    loss = ao.cross_entropy(x, target, **kw)
+    expected = _oracle(x.detach(), target, **kw)
+    assert loss.dtype == x.dtype and loss.shape == expected.shape
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    assert_close(loss, expected, dtype, scale=scale)
+
+    g = torch.rand(loss.shape, generator=torch.Generator().manual_seed(4)) + 0.5
+    (dx,) = torch.autograd.grad(loss, x, g.to(loss.dtype))
+    x64 = x.detach().double().requires_grad_()
+    (dx64,) = torch.autograd.grad(_oracle(x64, target, **kw), x64, g.double())
+    assert dx.dtype == x.dtype and dx.shape == x.shape
+    # Gradients are O(1/N) for the mean: compare on the scale of the largest one.
+    assert_close(dx, dx64, dtype, scale=grad_scale * max(dx64.abs().max().item() if dx64.numel() else 1.0, 1e-3))
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("shape", "layout"), SHAPES, ids=SHAPE_IDS)
+def test_loss_and_gradient_match_float64_pytorch(backend, shape, layout, dtype, mode):
+    x = _logits(shape, dtype, layout=layout)
+    target, kw = _build(x, mode)
+    if target.is_floating_point() and target.dtype != dtype:
+        target = target.to(dtype)
+    _check_against_oracle(x, target, kw, dtype)
+
+
+@pytest.mark.parametrize("mode", ["plain", "smooth-weight", "probs-smooth-weight", "zloss-softcap"])
+def test_large_vocabulary_rows(mode):
+    """A 2^18-class row: the CPU kernel has no per-row buffer limit and no extra memory."""
+    x = _logits((2, 262144), torch.float32, seed=5)
+    target, kw = _build(x, mode)
+    _check_against_oracle(x, target, kw, torch.float32)
+
+
+def test_gradient_rows_sum_to_zero_and_target_term_is_p_minus_one(backend):
+    x = _logits((8, 300)).requires_grad_()
+    t = _targets(x, ignore_every=0)
+    ao.cross_entropy(x, t, reduction="sum").backward()
+    torch.testing.assert_close(x.grad.sum(1), torch.zeros(8), atol=1e-5, rtol=0)
+    p = torch.softmax(x.detach().double(), 1)
+    picked = x.grad.gather(1, t[:, None]).squeeze(1).double()
+    torch.testing.assert_close(picked, p.gather(1, t[:, None]).squeeze(1) - 1, atol=1e-6, rtol=1e-6)
+
+
+def test_bf16_target_term_formed_in_fp32(backend):
+    """p_y - 1 with p_y close to 1: rounding p_y to bf16 first would give exactly 0 or -2^-8 steps."""
+    x = torch.full((4, 64), -12.0)
+    x[:, 5] = 6.0
+    x += torch.linspace(0, 0.01, 64)
+    xb = x.bfloat16().requires_grad_()
+    t = torch.full((4,), 5)
+    ao.cross_entropy(xb, t, reduction="sum").backward()
+    expected = torch.softmax(xb.detach().double(), 1)[:, 5] - 1
+    assert (xb.grad[:, 5] != 0).all()
+    torch.testing.assert_close(xb.grad[:, 5].double(), expected, rtol=1e-2, atol=0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_extreme_logits_follow_pytorch(backend, reduction):
+    """-inf entries, a fully -inf row, +inf, NaN, +-1e4: the same values and NaN pattern as PyTorch."""
+    x = _logits((7, 9))
+    x[0, 2] = -math.inf  # not the target: finite loss
+    x[1] = -math.inf  # fully -inf row: NaN
+    x[2, 4] = math.inf  # NaN row, as PyTorch
+    x[3, 1] = math.nan
+    x[4] = torch.linspace(-1e4, 1e4, 9)
+    x[5, 3] = -math.inf  # the target's logit: +inf loss
+    t = torch.tensor([1, 0, 0, 2, 8, 3, 4])
+    cases = [{}, {"label_smoothing": 0.1}, {"weight": torch.rand(9) + 0.5}]
+    for kw in cases:
+        x1 = x.clone().requires_grad_()
+        x2 = x.clone().double().requires_grad_()
+        loss = ao.cross_entropy(x1, t, reduction=reduction, **kw)
+        kw64 = {k: (v.double() if torch.is_tensor(v) else v) for k, v in kw.items()}
+        expected = F.cross_entropy(x2, t, reduction=reduction, **kw64)
+        torch.testing.assert_close(loss.double(), expected, equal_nan=True, rtol=1e-5, atol=1e-5)
+        if reduction == "none":
+            g = torch.ones(7)
+            g[[1, 2, 3]] = 0  # keep NaN rows out so the finite rows' gradients are compared
+            loss.backward(g)
+            expected.backward(g.double())
+            ok = [0, 4, 5, 6]
+            torch.testing.assert_close(x1.grad[ok].double(), x2.grad[ok], rtol=1e-5, atol=1e-6)
+
+
+def test_all_ignored_mean_is_nan_like_pytorch(backend):
+    x = _logits((4, 6)).requires_grad_()
+    t = torch.full((4,), -100)
+    loss = ao.cross_entropy(x, t)
+    assert torch.isnan(loss) and torch.isnan(F.cross_entropy(x.detach(), t))
+    loss.backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))  # PyTorch's gradient here is zero too
+    assert ao.cross_entropy(x.detach(), t, reduction="sum").item() == 0.0
+
+
+def test_empty_batch_mean_is_nan_like_pytorch(backend):
+    x = torch.empty(0, 5)
+    assert torch.isnan(ao.cross_entropy(x, torch.empty(0, dtype=torch.long)))
+    assert torch.isnan(ao.cross_entropy(x, torch.empty(0, 5)))
+    assert torch.isnan(F.cross_entropy(x, torch.empty(0, 5)))
+
+
+def test_deprecated_size_average_and_reduce(backend):
+    x, t = _logits((6, 10)), _targets(_logits((6, 10)))
+    for size_average, reduce in [(False, None), (None, False), (True, True), (False, True)]:
+        with pytest.warns(UserWarning):
+            got = ao.cross_entropy(x, t, size_average=size_average, reduce=reduce)
+        with pytest.warns(UserWarning):
+            expected = F.cross_entropy(x, t, size_average=size_average, reduce=reduce)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_deterministic(backend):
+    x = _logits((64, 3000)).requires_grad_()
+    t = _targets(x)
+    runs = []
+    for _ in range(2):
+        x.grad = None
+        loss = ao.cross_entropy(x, t, label_smoothing=0.1)
+        loss.backward()
+        runs.append((loss.detach().clone(), x.grad.clone()))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+@pytest.mark.parametrize("mode", ["plain", "none", "smooth-weight", "probs-smooth-weight", "zloss-softcap"])
+@pytest.mark.parametrize(
+    ("shape", "layout"), [((5, 7), "contiguous"), ((2, 4, 3), "contiguous"), ((6, 5), "transposed")]
+)
+def test_inplace_backward_gives_the_same_gradient(backend, mode, shape, layout):
+    x = _logits(shape, layout=layout)
+    target, kw = _build(x, mode)
+    x1 = x.clone().requires_grad_()
+    loss1 = ao.cross_entropy(x1, target, **kw)
+    leaf = x.clone().requires_grad_()
+    x2 = leaf * 1.0  # logits as a network makes them: a non-leaf (a leaf's .grad would be a copy)
+    seen = []
+    x2.register_hook(lambda grad: seen.append(grad.data_ptr()))
+    loss2 = ao.cross_entropy(x2, target, inplace_backward=True, **kw)
+    torch.testing.assert_close(loss2, loss1, atol=1e-6, rtol=1e-6)
+    g = torch.rand(loss1.shape) + 0.5
+    loss1.backward(g)
+    loss2.backward(g)
+    torch.testing.assert_close(leaf.grad, x1.grad, atol=1e-6, rtol=1e-5)
+    if backend != "reference":  # the gradient lives in the logits' own buffer
+        assert seen == [x2.data_ptr()]
+
+
+def test_inplace_backward_with_bad_target_loses_nothing(backend):
+    x = _logits((4, 5)).requires_grad_()
+    before = x.detach().clone()
+    with pytest.raises(IndexError):
+        ao.cross_entropy(x, torch.tensor([0, 1, 5, 2]), inplace_backward=True)
+    assert torch.equal(x.detach(), before)
+
+
+def test_inplace_backward_of_a_saved_tensor_is_an_error_not_a_wrong_gradient(backend):
+    if backend == "reference":
+        pytest.skip("the reference backend computes out of place")
+    w = torch.randn(8, 5, requires_grad=True)
+    logits = torch.tanh(w)  # tanh saves its output for backward
+    loss = ao.cross_entropy(logits, torch.arange(8) % 5, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_forward_saves_only_logits_and_per_position_values(backend):
+    """No N x C intermediate is kept for backward: only the logits and per-position tensors."""
+    if backend == "reference":
+        pytest.skip("the reference backend is PyTorch's own composition")
+    x = _logits((16, 100)).requires_grad_()
+    t = _targets(x)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda s: saved.append(s) or s, lambda s: s):
+        loss = ao.cross_entropy(x, t, label_smoothing=0.1, weight=torch.rand(100))
+    logits_sized = [s for s in saved if s.numel() == x.numel()]
+    assert len(logits_sized) == 1 and logits_sized[0].data_ptr() == x.data_ptr()
+    assert all(s.numel() <= x.shape[0] or s.numel() == 100 for s in saved if s.numel() != x.numel())
+    loss.backward()
+
+
+@pytest.mark.parametrize("mode", ["plain", "none", "smooth-weight", "probs-smooth-weight", "zloss-softcap"])
+def test_gradcheck(backend, mode):
+    x = _logits((3, 5, 2), torch.float64).requires_grad_()
+    target, kw = _build(x, mode)
+    target = target.double() if target.is_floating_point() else target
+    assert torch.autograd.gradcheck(lambda x: ao.cross_entropy(x, target, **kw), (x,))
+
+
+def test_gradcheck_probability_target_gradient(backend):
+    x = _logits((3, 6), torch.float64).requires_grad_()
+    t = _probabilities(x).double().requires_grad_()
+    w = torch.rand(6, dtype=torch.float64) + 0.5
+    assert torch.autograd.gradcheck(lambda x, t: ao.cross_entropy(x, t, weight=w, label_smoothing=0.2), (x, t))
+
+
+def _opcheck_samples(prefix):
+    x = _logits((4, 6))
+    t = _targets(x)
+    w = torch.rand(6) + 0.5
+    p = _probabilities(x)
+    fwd = getattr(OPS, f"{prefix}cross_entropy_forward")
+    bwd = getattr(OPS, f"{prefix}cross_entropy_backward")
+    inplace = getattr(OPS, f"{prefix}cross_entropy_forward_inplace")
+    k = _logits((2, 5, 3))
+    kt = _targets(k)
+    samples = [
+        (fwd, (x.requires_grad_(), t, None, -100, 0.0, 0.0, 0.0, True)),
+        (fwd, (x, t, w, -100, 0.1, 1e-3, 3.0, True)),
+        (fwd, (x, p.requires_grad_(), w, -100, 0.1, 0.0, 0.0, True)),
+        (fwd, (k.requires_grad_(), kt, None, -100, 0.0, 0.0, 0.0, True)),
+        (bwd, (torch.rand(4), x.detach(), t, w, torch.rand(4) + 2, -100, 0.1, 0.0, 0.0)),
+        (inplace, (x.detach().clone(), t, None, torch.full((4,), 0.25), -100, 0.0, 0.0, 0.0, True)),
+    ]
+    return samples
+
+
+@pytest.mark.parametrize("prefix", ["", "triton_"], ids=["cpp", "triton"])
+def test_opcheck(prefix):
+    if prefix and "triton" not in ao.available_backends():
+        pytest.fail("triton backend unavailable: conftest sets TRITON_INTERPRET=1 on CPU machines")
+    for op, args in _opcheck_samples(prefix):
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("backend_name", ["cpp", "triton"])
+def test_torch_compile_training_step_fullgraph(backend_name):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    criterion = ao.nn.CrossEntropyLoss(label_smoothing=0.1)
+    x, y = torch.randn(16, 12), torch.randint(0, 10, (16,))
+
+    def step(x, y):
+        return criterion(model(x), y)
+
+    with ao.backend(backend_name):
+        eager_loss = step(x, y)
+        eager_loss.backward()
+        eager_grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        compiled_loss = torch.compile(step, fullgraph=True)(x, y)
+        compiled_loss.backward()
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    for p, g in zip(model.parameters(), eager_grads, strict=True):
+        torch.testing.assert_close(p.grad, g)
+
+
+# ---- nn.CrossEntropyLoss ----------------------------------------------------------------------
+
+
+def test_module_is_a_drop_in():
+    w = torch.rand(10)
+    ours = ao.nn.CrossEntropyLoss(weight=w, ignore_index=3, reduction="sum", label_smoothing=0.05)
+    theirs = torch.nn.CrossEntropyLoss(weight=w, ignore_index=3, reduction="sum", label_smoothing=0.05)
+    assert isinstance(ours, torch.nn.CrossEntropyLoss)
+    assert repr(ao.nn.CrossEntropyLoss()) == repr(torch.nn.CrossEntropyLoss()) == "CrossEntropyLoss()"
+    assert (ours.ignore_index, ours.reduction, ours.label_smoothing) == (3, "sum", 0.05)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    fresh = ao.nn.CrossEntropyLoss(weight=torch.zeros(10))
+    fresh.load_state_dict(theirs.state_dict())
+    assert torch.equal(fresh.weight, w)
+    x = _logits((8, 10))
+    t = _targets(x, ignore_every=0)
+    torch.testing.assert_close(ours(x, t), theirs(x, t), atol=1e-5, rtol=1e-5)
+    assert "z_loss=0.1" in repr(ao.nn.CrossEntropyLoss(z_loss=0.1))
+
+
+def test_module_training_on_digits_gives_the_same_loss_curve():
+    """A small MLP on scikit-learn's bundled digits (no download): swapping the loss module keeps the curve."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    digits = datasets.load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32) / 16
+    y = torch.tensor(digits.target)
+
+    def train(criterion):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        losses = []
+        for epoch in range(15):
+            for i in range(0, len(x), 256):
+                opt.zero_grad()
+                loss = criterion(model(x[i : i + 256]), y[i : i + 256])
+                loss.backward()
+                opt.step()
+            losses.append(loss.item())
+        return losses
+
+    ours = train(ao.nn.CrossEntropyLoss(label_smoothing=0.05))
+    theirs = train(torch.nn.CrossEntropyLoss(label_smoothing=0.05))
+    assert ours[-1] < 0.5 * ours[0]  # it learns
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), atol=1e-4, rtol=1e-3)
+
+
+# ---- bad input: a clear Python exception, on every backend, before anything is written --------
+
+
+def test_out_of_range_target_names_value_and_position(backend):
+    x = _logits((2, 5, 3))
+    t = torch.zeros(2, 3, dtype=torch.long)
+    t[1, 2] = 5
+    with pytest.raises(IndexError, match=r"target 5 at position \(1, 2\).*5 classes"):
+        ao.cross_entropy(x, t)
+    t[1, 2] = -3
+    with pytest.raises(IndexError, match=r"target -3 at position \(1, 2\)"):
+        ao.cross_entropy(x, t)
+    t[1, 2] = -100  # ignore_index is fine
+    ao.cross_entropy(x, t)
+    with pytest.raises(IndexError, match=r"target 11 at position \(\)"):
+        ao.cross_entropy(torch.randn(11), torch.tensor(11))
+
+
+def test_unchecked_bad_target_gives_nan_not_a_crash(backend):
+    if backend == "reference":
+        pytest.skip("the reference backend is PyTorch, which raises by itself")
+    x = _logits((3, 4)).requires_grad_()
+    t = torch.tensor([0, 4, 1])
+    loss = ao.cross_entropy(x, t, reduction="none", check_target=False)
+    assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
+    loss.sum().backward()
+    assert torch.isnan(x.grad[1]).all() and torch.isfinite(x.grad[[0, 2]]).all()
+
+
+BAD_INPUTS = [
+    ("float class-index target", lambda: ao.cross_entropy(torch.randn(4, 5), torch.tensor([1.0, 2, 3, 0])), TypeError, r"\.long\(\)"),
+    ("bool target", lambda: ao.cross_entropy(torch.randn(4, 5), torch.ones(4, dtype=torch.bool)), TypeError, r"\.long\(\)"),
+    ("integer logits", lambda: ao.cross_entropy(torch.ones(4, 5, dtype=torch.long), torch.zeros(4, dtype=torch.long)), TypeError, r"\.float\(\)"),
+    ("target shape", lambda: ao.cross_entropy(torch.randn(4, 5), torch.zeros(3, dtype=torch.long)), ValueError, "shape"),
+    ("K-dim target shape", lambda: ao.cross_entropy(torch.randn(2, 5, 3), torch.zeros(2, 4, dtype=torch.long)), ValueError, r"\(2, 3\)"),
+    ("probability target shape", lambda: ao.cross_entropy(torch.randn(4, 5), torch.rand(4, 6)), TypeError, "shape"),
+    ("weight length", lambda: ao.cross_entropy(torch.randn(4, 5), torch.zeros(4, dtype=torch.long), weight=torch.ones(4)), ValueError, r"\(5,\)"),
+    ("integer weight", lambda: ao.cross_entropy(torch.randn(4, 5), torch.zeros(4, dtype=torch.long), weight=torch.ones(5, dtype=torch.long)), TypeError, "weight"),
+    ("reduction", lambda: ao.cross_entropy(torch.randn(4, 5), torch.zeros(4, dtype=torch.long), reduction="avg"), ValueError, "reduction"),
+    ("negative smoothing", lambda: ao.cross_entropy(torch.randn(4, 5), torch.zeros(4, dtype=torch.long), label_smoothing=-0.1), ValueError, "label_smoothing"),
+    ("smoothing above 1", lambda: ao.cross_entropy(torch.randn(4, 5), torch.zeros(4, dtype=torch.long), label_smoothing=1.5), ValueError, "label_smoothing"),
+    ("negative z_loss", lambda: ao.cross_entropy(torch.randn(4, 5), torch.zeros(4, dtype=torch.long), z_loss=-1.0), ValueError, "z_loss"),
+    ("zero softcap", lambda: ao.cross_entropy(torch.randn(4, 5), torch.zeros(4, dtype=torch.long), softcap=0.0), ValueError, "softcap"),
+    ("nan softcap", lambda: ao.cross_entropy(torch.randn(4, 5), torch.zeros(4, dtype=torch.long), softcap=math.nan), ValueError, "softcap"),
+    ("0-d input", lambda: ao.cross_entropy(torch.tensor(1.0), torch.tensor(0)), ValueError, "class dim"),
+    ("no classes", lambda: ao.cross_entropy(torch.randn(4, 0), torch.zeros(4, dtype=torch.long)), ValueError, "at least one class"),
+    ("device mismatch", lambda: ao.cross_entropy(torch.randn(4, 5), torch.zeros(4, dtype=torch.long, device="meta")), ValueError, "meta"),
+    ("weight device", lambda: ao.cross_entropy(torch.randn(4, 5), torch.zeros(4, dtype=torch.long), weight=torch.ones(5, device="meta")), ValueError, "meta"),
+    ("not a tensor", lambda: ao.cross_entropy([[1.0, 2.0]], torch.zeros(1, dtype=torch.long)), TypeError, "Tensor"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "call", "error", "match"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_raises_clearly(backend, name, call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_ops_reject_bad_arguments_directly():
+    """The operators check too (they are public through torch.ops): no crash, no silent result."""
+    x, t = _logits((4, 5)), torch.tensor([0, 1, 2, 3])
+    with pytest.raises(IndexError, match="target 9"):
+        OPS.cross_entropy_forward(x, torch.tensor([0, 9, 2, 3]), None, -100, 0.0, 0.0, 0.0, True)
+    with pytest.raises(RuntimeError, match="int64"):
+        OPS.cross_entropy_forward(x, t.int(), None, -100, 0.0, 0.0, 0.0, True)
+    with pytest.raises(RuntimeError, match="weight"):
+        OPS.cross_entropy_forward(x, t, torch.ones(3), -100, 0.0, 0.0, 0.0, True)
+    with pytest.raises(RuntimeError, match="label_smoothing"):
+        OPS.cross_entropy_forward(x, t, None, -100, 2.0, 0.0, 0.0, True)
+    with pytest.raises(RuntimeError, match="one value per position"):
+        OPS.cross_entropy_backward(torch.ones(3), x, t, None, torch.ones(4), -100, 0.0, 0.0, 0.0)
