@@ -16,14 +16,26 @@ from pathlib import Path
 import torch
 
 from . import cases as case_defs
-from .harness import copy_bandwidth, machine, time_fn
+from .harness import copy_bandwidth, machine, peak_extra_memory, time_fn
 
 PRESETS = {
-    # shapes, dtypes, warmup, reps
-    "tiny": ([(64, 1000)], [torch.float32], 1, 3),
-    # 32x32000 fits in cache: arithmetic; 4096x32000 (524 MB fp32): memory.
-    "quick": ([(32, 32000), (4096, 32000)], [torch.float32, torch.bfloat16], 2, 7),
-    "full": ([(4096, 1024), (4096, 32000), (1024, 131072), (256, 262144)], [torch.float32, torch.bfloat16], 3, 15),
+    # softmax shapes, cross-entropy shapes, dtypes, warmup, reps
+    "tiny": ([(64, 1000)], [(64, 1000), (2, 5, 8, 8)], [torch.float32], 1, 3),
+    # 32x32000 fits in cache: arithmetic; 4096x32000 (524 MB fp32): memory; [8, 21, 256, 256]: segmentation.
+    "quick": (
+        [(32, 32000), (4096, 32000)],
+        [(4096, 32000), (8, 21, 256, 256)],
+        [torch.float32, torch.bfloat16],
+        2,
+        7,
+    ),
+    "full": (
+        [(4096, 1024), (4096, 32000), (1024, 131072), (256, 262144)],
+        [(4096, 1024), (4096, 32000), (1024, 131072), (256, 262144), (8, 21, 256, 256)],
+        [torch.float32, torch.bfloat16],
+        3,
+        15,
+    ),
 }
 RESULTS = Path(__file__).parent / "results"
 
@@ -49,10 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", type=Path, default=None, help="results JSON (default benchmarks/results/<preset>.json)")
     args = p.parse_args(argv)
 
-    shapes, dtypes, warmup, reps = PRESETS[args.preset]
+    shapes, ce_shapes, dtypes, warmup, reps = PRESETS[args.preset]
     if args.dtype:
         dtypes = [getattr(torch, d) for d in args.dtype]
-    cases = case_defs.softmax_cases(shapes, dtypes, args.device, compile_baseline=not args.no_compile)
+    compile_baseline = not args.no_compile
+    cases = case_defs.softmax_cases(shapes, dtypes, args.device, compile_baseline)
+    cases += case_defs.cross_entropy_cases(ce_shapes, dtypes, args.device, compile_baseline)
     if args.ops:
         cases = [c for c in cases if c.op in args.ops]
 
@@ -80,12 +94,14 @@ def main(argv: list[str] | None = None) -> int:
                 _check(reference, out, case.dtype)
             del out
             t = time_fn(lambda fn=fn, x=x: fn(x), args.device, warmup, reps)
+            extra = peak_extra_memory(lambda fn=fn, x=x: fn(x), args.device)
             rows.append({
                 "op": case.op, "mode": case.mode, "dtype": str(case.dtype).removeprefix("torch."),
                 "shape": list(case.shape), "provider": provider,
                 "median_ms": t.median_s * 1e3, "p20_ms": t.p20_s * 1e3, "p80_ms": t.p80_s * 1e3,
                 "cpu_ms": t.cpu_s * 1e3, "cpu_per_wall": t.cpu_per_wall,
                 "gb_per_s": must_move / t.median_s / 1e9, "roofline": must_move / t.median_s / bandwidth,
+                "peak_extra_mb": extra / 1e6, "peak_extra_x_input": extra / (x.numel() * x.element_size()),
             })  # fmt: skip
     print(f"\r{' ' * 80}\r", end="", file=sys.stderr)
     for r in rows:
@@ -125,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
 def _print_table(rows: list[dict]) -> None:
     header = (
         f"{'case':<50} {'provider':<14} {'median ms':>9} {'p20-p80 ms':>15} {'cpu/wall':>8} {'GB/s':>6} "
-        f"{'roofline':>8} {'ours x faster':>13}"
+        f"{'roofline':>8} {'mem x in':>8} {'ours x faster':>13}"
     )
     last = None
     for r in rows:
@@ -136,7 +152,8 @@ def _print_table(rows: list[dict]) -> None:
         speed = "" if r["provider"] == "alchemy_ops" else f"{r['alchemy_speedup']:.2f}x"
         print(
             f"{case:<50} {r['provider']:<14} {r['median_ms']:>9.1f} {r['p20_ms']:>7.1f}-{r['p80_ms']:<7.1f} "
-            f"{r['cpu_per_wall']:>8.2f} {r['gb_per_s']:>6.1f} {r['roofline']:>8.0%} {speed:>13}"
+            f"{r['cpu_per_wall']:>8.2f} {r['gb_per_s']:>6.1f} {r['roofline']:>8.0%} {r['peak_extra_x_input']:>8.2f} "
+            f"{speed:>13}"
         )
 
 

@@ -59,3 +59,52 @@ def softmax_cases(shapes, dtypes, device: str, compile_baseline: bool) -> list[C
                         case.providers["torch.compile"] = _runner(torch.compile(theirs, dynamic=False), backward, grad)
                     cases.append(case)
     return cases
+
+
+def _inplace_runner(fn: Callable[[torch.Tensor], torch.Tensor]):
+    """Forward+backward with the gradient written into the logits. The first call works on a copy of
+    the given logits (so its result can be checked); later calls reuse that buffer, whose values are
+    then the last gradient, so no copy is timed. The logits stay a leaf and the gradient is taken with
+    autograd.grad, as a network's non-leaf logits would pass it on, without a .grad copy."""
+    state: dict[str, torch.Tensor] = {}
+
+    def run(x: torch.Tensor):
+        buf = state.get("buf")
+        if buf is None or buf.shape != x.shape:
+            buf = state["buf"] = x.detach().clone()
+        logits = buf.requires_grad_()
+        y = fn(logits)
+        (grad,) = torch.autograd.grad(y, logits)
+        return y, grad
+
+    return run
+
+
+def cross_entropy_cases(shapes, dtypes, device: str, compile_baseline: bool) -> list[Case]:
+    """``F.cross_entropy`` with class-index targets; (N, C, d...) shapes have the class dim at 1.
+    Bytes that must move: forward reads the logits once; backward reads them and writes the gradient."""
+    cases = []
+    for shape in shapes:
+        positions = shape[:1] + shape[2:]
+        target = torch.randint(0, shape[1], positions, device=device, generator=torch.Generator().manual_seed(0))
+
+        def theirs(t, target=target):
+            return F.cross_entropy(t, target)
+
+        def ours(t, target=target, **kw):
+            return ao.cross_entropy(t, target, **kw)
+
+        for dtype in dtypes:
+            for backward in (False, True):
+                case = Case(
+                    "cross_entropy", "forward+backward" if backward else "forward", dtype, shape,
+                    passes=3 if backward else 1,
+                )  # fmt: skip
+                case.providers["alchemy_ops"] = _runner(ours, backward, None)
+                if backward:
+                    case.providers["ao inplace_bw"] = _inplace_runner(lambda t, f=ours: f(t, inplace_backward=True))
+                case.providers["torch eager"] = _runner(theirs, backward, None)
+                if compile_baseline:
+                    case.providers["torch.compile"] = _runner(torch.compile(theirs, dynamic=False), backward, None)
+                cases.append(case)
+    return cases

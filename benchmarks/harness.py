@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,6 +55,42 @@ def copy_bandwidth(nbytes: int, device: str, reps: int = 5) -> float:
     dst = torch.empty_like(src)
     t = time_fn(lambda: dst.copy_(src), device, warmup=2, reps=reps)
     return 2 * src.nbytes / t.median_s
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_extra_memory(fn: Callable[[], object], device: str) -> float:
+    """Peak memory above the starting level during one call, in bytes: CUDA allocator statistics on
+    a GPU; on CPU the resident set size, sampled every ~0.2 ms by a thread (large tensors are mmapped
+    and returned to the OS when freed, so RSS follows them)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return float(torch.cuda.max_memory_allocated() - start)
+    start = _rss_bytes()
+    peak = start
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _rss_bytes())
+            time.sleep(0.0002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        sampler.join()
+    return float(max(peak, _rss_bytes()) - start)
 
 
 def machine() -> dict:

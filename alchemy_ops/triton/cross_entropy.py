@@ -1,0 +1,496 @@
+"""Triton kernels of ``triton_cross_entropy_forward`` / ``_backward`` / ``_forward_inplace``.
+
+Same math as ``csrc/include/alchemy/cross_entropy.h`` and same host logic as
+``cross_entropy_host.h``: the logits are read in place as rows of C classes at the class
+stride, one row per position r = o * inner + i at ``o * outer_stride + i * inner_stride``
+(class dim 1 of [N, C, d...], or the single row of a 1-d [C] input). One program per row;
+rows longer than BLOCK are looped over.
+
+- forward: one online pass for lse = max + log(sum exp(z - max)) (shifting by 0 while the
+  running max is -inf; NaN when the row max is NaN or +-inf), fused with the sums the loss
+  needs (sum_c w_c z_c under label smoothing; T = sum_c w_c t'_c and S = sum_c w_c t'_c z_c
+  for probability targets), and one load of the target logit for class indices.
+- in place: the same program then walks its row again, reading x and overwriting it with
+  grad_scale[r] * d loss / d x (the target logit is then picked up in the first pass, so
+  every read of the row is ordered before the writes through lse).
+- backward: recomputes p_c = exp(z_c - lse) from the saved fp32 lse (a first pass over the
+  target row recomputes T for probability targets).
+
+Everything is accumulated in fp32 (fp64 for fp64 logits) and rounded once at the store. The
+float arguments go to the kernels as a tensor in the accumulation dtype (Python floats are
+passed as fp32, too coarse for fp64 rows); see ``_params``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+from triton.runtime.jit import JITFunction
+
+from ..reference import acc_dtype
+from ._layout import row_view
+
+_MAX_BLOCK = 4096
+
+
+def _block(classes: int) -> int:
+    return min(_MAX_BLOCK, triton.next_power_of_2(max(classes, 1)))
+
+
+class CrossEntropyArgumentError(RuntimeError, ValueError):
+    """A bad argument of a cross-entropy op: a RuntimeError like the C++ kernels' TORCH_CHECK,
+    and a ValueError like the public API's checks."""
+
+
+class CrossEntropyTypeError(RuntimeError, TypeError):
+    """A wrong dtype: a RuntimeError like the C++ kernels' TORCH_CHECK, and a TypeError."""
+
+
+def _check(cond: bool, message: str, error: type[Exception] = CrossEntropyArgumentError) -> None:
+    if not cond:
+        raise error("alchemy_ops: " + message)
+
+
+# ----------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_base(ptr, row, inner, outer_stride, inner_stride):
+    return ptr + (row // inner) * outer_stride + (row % inner) * inner_stride
+
+
+@triton.jit
+def _cols(start, BLOCK: tl.constexpr, WIDE: tl.constexpr):
+    # Class offsets of one block. The strides stay plain arguments (a stride of 1 is
+    # specialized, so unit-stride rows vectorize); WIDE makes the offsets int64 when
+    # (C - 1) * class stride does not fit in int32.
+    cols = start + tl.arange(0, BLOCK)
+    if WIDE:
+        cols = cols.to(tl.int64)
+    return cols
+
+
+@triton.jit
+def _tanh(u, LIBDEVICE: tl.constexpr):
+    if LIBDEVICE:
+        t = libdevice.tanh(u)
+    else:
+        # The interpreter has no libdevice. tanh|u| = m / (m + 2) with m = expm1(2|u|), and
+        # expm1 by Kahan's trick (e - 1) * x / log(e), accurate to a few ulp with a correctly
+        # rounded exp/log (numpy's, under the interpreter). |u| is clamped at 20, where
+        # tanh is 1 in fp64, so m stays finite.
+        a = tl.minimum(tl.abs(u), 20.0)
+        x = a + a
+        e = tl.exp(x)
+        m = tl.where(e == 1.0, x, (e - 1.0) * x / tl.log(e))
+        t = m / (m + 2.0)
+        t = tl.where(u < 0, -t, t)
+        t = tl.where(u != u, u, t)  # NaN in, NaN out
+    return t
+
+
+@triton.jit
+def _grad_pass(
+    x_row, xs_cls, dx_row, dxs_cls, t_row, ts_cls, w_ptr, classes,
+    g, lse, a, y, w_y, eps, eps_c, softcap, bad,
+    SOFT: tl.constexpr, HAS_WEIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+    LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr,
+):  # fmt: skip
+    """dx_c = g * (a * p_c - b_c) * dz/dx over one row; ``bad`` (a row-wide 0-d value) is
+    0 for a good row, NaN for an out-of-range class index, and selects 0 for ignore_index
+    when it is +inf (see the callers)."""
+    for start in range(0, classes, BLOCK):
+        cols = _cols(start, BLOCK, WIDE)
+        mask = cols < classes
+        x = tl.load(x_row + cols * xs_cls, mask=mask, other=0.0).to(lse.dtype)
+        if SOFTCAP:
+            th = _tanh(x / softcap, LIBDEVICE)
+            z = softcap * th
+        else:
+            z = x
+        p = tl.exp(z - lse)
+        if HAS_WEIGHT:
+            w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+        else:
+            w = tl.full((BLOCK,), 1.0, lse.dtype)
+        if SOFT:
+            t = tl.load(t_row + cols * ts_cls, mask=mask, other=0.0).to(lse.dtype)
+            d = a * p - w * ((1.0 - eps) * t + eps_c)
+        else:
+            d = a * p - eps_c * w - tl.where(cols == y, (1.0 - eps) * w_y, 0.0)
+        d = g * d
+        if SOFTCAP:
+            d = d * (1.0 - th * th)
+        if not SOFT:
+            # bad: 0 (good row), NaN (class index out of range), +inf (ignore_index -> 0).
+            d = tl.where(bad == float("inf"), 0.0, d + bad)
+        tl.store(dx_row + cols * dxs_cls, d.to(dx_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ce_forward_kernel(
+    x_ptr, t_ptr, w_ptr, par_ptr, scale_ptr, loss_ptr, lse_ptr,
+    classes, inner, ignore_index,
+    xs_outer, xs_cls, xs_inner, ts_outer, ts_cls, ts_inner,
+    SOFT: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr,
+    INPLACE: tl.constexpr, LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    x_row = _row_base(x_ptr, row, inner, xs_outer, xs_inner)
+    t_row = _row_base(t_ptr, row, inner, ts_outer, ts_inner)
+    eps = tl.load(par_ptr)  # fp32, or fp64 for fp64 rows: the accumulation dtype
+    z_loss = tl.load(par_ptr + 1)
+    softcap = tl.load(par_ptr + 2)
+    w_sum = tl.load(par_ptr + 3)
+    eps_c = eps / classes
+
+    y = 0
+    if not SOFT:
+        y = tl.load(t_ptr + row)
+    row_max = tl.full((), float("-inf"), eps.dtype)
+    row_sum = tl.zeros((), eps.dtype)
+    dot = tl.zeros((), eps.dtype)  # sum w_c z_c (class index, smoothing) or S (probabilities)
+    mass = tl.zeros((), eps.dtype)  # T (probabilities)
+    z_y = tl.zeros((), eps.dtype)  # the target logit, gathered in this pass when in place
+    for start in range(0, classes, BLOCK):
+        cols = _cols(start, BLOCK, WIDE)
+        mask = cols < classes
+        x = tl.load(x_row + cols * xs_cls, mask=mask, other=float("-inf")).to(eps.dtype)
+        if SOFTCAP:
+            z = tl.where(mask, softcap * _tanh(x / softcap, LIBDEVICE), float("-inf"))
+        else:
+            z = x
+        new_max = tl.maximum(row_max, tl.max(z, 0))
+        # exp(-inf - -inf) would be NaN: while the max is -inf the sum is 0, shift by 0.
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        row_sum = row_sum * tl.exp(row_max - shift) + tl.sum(tl.exp(z - shift), 0)
+        row_max = new_max
+        if HAS_WEIGHT:
+            w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+        else:
+            w = tl.full((BLOCK,), 1.0, eps.dtype)
+        if SOFT:
+            t = tl.load(t_row + cols * ts_cls, mask=mask, other=0.0).to(eps.dtype)
+            wt = tl.where(mask, w * ((1.0 - eps) * t + eps_c), 0.0)
+            mass += tl.sum(wt, 0)
+            dot += tl.sum(tl.where(mask, wt * z, 0.0), 0)
+        elif SMOOTH:
+            dot += tl.sum(tl.where(mask, w * z, 0.0), 0)
+        if INPLACE and not SOFT:
+            # Not a separate load after this pass: nothing would order it before the other
+            # threads' gradient stores to the same row. Values loaded here feed lse, which
+            # every store below depends on.
+            z_y += tl.sum(tl.where(cols == y, z, 0.0), 0)
+    # NaN when the row max is NaN or +-inf (a fully -inf row included), as PyTorch's log_softmax.
+    finite = (row_max > float("-inf")) & (row_max < float("inf"))
+    lse = tl.where(finite, row_max + tl.log(row_sum), float("nan"))
+
+    w_y = tl.zeros((), eps.dtype)
+    bad = tl.zeros((), eps.dtype)
+    if SOFT:
+        loss = mass * lse - dot + z_loss * lse * lse
+        a = mass + 2.0 * z_loss * lse
+    else:
+        ignored = y == ignore_index
+        valid = (y >= 0) & (y < classes)
+        y_safe = tl.where(valid, y, 0)  # never read outside the row
+        if not INPLACE:
+            x_y = tl.load(x_row + y_safe * xs_cls).to(eps.dtype)
+            if SOFTCAP:
+                z_y = softcap * _tanh(x_y / softcap, LIBDEVICE)
+            else:
+                z_y = x_y
+        if HAS_WEIGHT:
+            w_y = tl.load(w_ptr + y_safe)
+        else:
+            w_y = tl.full((), 1.0, eps.dtype)
+        loss = (1.0 - eps) * w_y * (lse - z_y)
+        if SMOOTH:
+            loss += eps_c * (w_sum * lse - dot)
+        loss += z_loss * lse * lse
+        loss = tl.where(ignored, 0.0, tl.where(valid, loss, float("nan")))
+        # As the CPU kernel: an ignored position has lse 0 (never read), a bad one NaN.
+        lse = tl.where(ignored, 0.0, tl.where(valid, lse, float("nan")))
+        a = (1.0 - eps) * w_y + eps_c * w_sum + 2.0 * z_loss * lse
+        bad = tl.where(ignored, float("inf"), tl.where(valid, 0.0, float("nan"))).to(eps.dtype)
+    tl.store(loss_ptr + row, loss)
+    tl.store(lse_ptr + row, lse)
+
+    if INPLACE:
+        g = tl.load(scale_ptr + row)
+        _grad_pass(
+            x_row, xs_cls, x_row, xs_cls, t_row, ts_cls, w_ptr, classes,
+            g, lse, a, y, w_y, eps, eps_c, softcap, bad,
+            SOFT, HAS_WEIGHT, SOFTCAP, LIBDEVICE, BLOCK, WIDE,
+        )  # fmt: skip
+
+
+@triton.jit
+def _ce_backward_kernel(
+    g_ptr, x_ptr, t_ptr, w_ptr, par_ptr, lse_ptr, dx_ptr,
+    classes, inner, ignore_index,
+    xs_outer, xs_cls, xs_inner, ts_outer, ts_cls, ts_inner, dxs_outer, dxs_cls, dxs_inner,
+    SOFT: tl.constexpr, HAS_WEIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+    LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    x_row = _row_base(x_ptr, row, inner, xs_outer, xs_inner)
+    t_row = _row_base(t_ptr, row, inner, ts_outer, ts_inner)
+    dx_row = _row_base(dx_ptr, row, inner, dxs_outer, dxs_inner)
+    eps = tl.load(par_ptr)
+    z_loss = tl.load(par_ptr + 1)
+    softcap = tl.load(par_ptr + 2)
+    w_sum = tl.load(par_ptr + 3)
+    eps_c = eps / classes
+    g = tl.load(g_ptr + row)
+    lse = tl.load(lse_ptr + row)
+
+    y = 0
+    w_y = tl.zeros((), eps.dtype)
+    bad = tl.zeros((), eps.dtype)
+    if SOFT:
+        mass = tl.zeros((), eps.dtype)
+        for start in range(0, classes, BLOCK):
+            cols = _cols(start, BLOCK, WIDE)
+            mask = cols < classes
+            t = tl.load(t_row + cols * ts_cls, mask=mask, other=0.0).to(eps.dtype)
+            if HAS_WEIGHT:
+                w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+            else:
+                w = tl.full((BLOCK,), 1.0, eps.dtype)
+            mass += tl.sum(tl.where(mask, w * ((1.0 - eps) * t + eps_c), 0.0), 0)
+        a = mass + 2.0 * z_loss * lse
+    else:
+        y = tl.load(t_ptr + row)
+        ignored = y == ignore_index
+        valid = (y >= 0) & (y < classes)
+        if HAS_WEIGHT:
+            w_y = tl.load(w_ptr + tl.where(valid, y, 0))
+        else:
+            w_y = tl.full((), 1.0, eps.dtype)
+        a = (1.0 - eps) * w_y + eps_c * w_sum + 2.0 * z_loss * lse
+        bad = tl.where(ignored, float("inf"), tl.where(valid, 0.0, float("nan"))).to(eps.dtype)
+    _grad_pass(
+        x_row, xs_cls, dx_row, dxs_cls, t_row, ts_cls, w_ptr, classes,
+        g, lse, a, y, w_y, eps, eps_c, softcap, bad,
+        SOFT, HAS_WEIGHT, SOFTCAP, LIBDEVICE, BLOCK, WIDE,
+    )  # fmt: skip
+
+
+# libdevice's tanh on GPUs; the interpreter (CPU tensors) has no libdevice.
+_LIBDEVICE = isinstance(_ce_forward_kernel, JITFunction)
+
+
+# ----------------------------------------------------------------------------------------
+# Host logic (mirrors csrc/include/alchemy/cross_entropy_host.h)
+# ----------------------------------------------------------------------------------------
+
+
+def _as_batch(t: torch.Tensor) -> torch.Tensor:
+    return t.unsqueeze(0) if t.dim() == 1 else t
+
+
+def _class_dim_view(t: torch.Tensor):
+    """((outer, classes, inner), (outer_stride, class_stride, inner_stride)) of a [N, C, ...]
+    tensor around dim 1, or None when its other dims do not collapse without a copy."""
+    return row_view(t, 1)
+
+
+class _Problem:
+    """Everything the kernels need; see CrossEntropyProblem in cross_entropy_host.h."""
+
+    def __init__(self, input, target, weight, ignore_index, label_smoothing, z_loss, softcap):
+        _check(isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor),
+               "cross_entropy input and target must be tensors", CrossEntropyTypeError)  # fmt: skip
+        _check(input.dim() >= 1, "cross_entropy input must have a class dim, got a 0-d tensor")
+        _check(input.dtype.is_floating_point, f"cross_entropy input must be floating-point, got {input.dtype}",
+               CrossEntropyTypeError)  # fmt: skip
+        _check(input.device == target.device, f"input is on {input.device} but target on {target.device}")
+        _check(0.0 <= label_smoothing <= 1.0, "label_smoothing must be in [0, 1]")
+        _check(math.isfinite(z_loss) and z_loss >= 0, "z_loss must be finite and >= 0")
+        _check(math.isfinite(softcap), "softcap must be finite")
+        self.soft = target.dtype.is_floating_point
+        self.x = _as_batch(input)
+        self.outer, self.classes = self.x.size(0), self.x.size(1)
+        self.inner = math.prod(self.x.shape[2:])
+        _check(self.classes > 0, "cross_entropy needs at least one class (input.size(1) is 0)")
+        positions = list(input.shape)
+        del positions[0 if input.dim() == 1 else 1]
+        self.positions = positions
+        if _class_dim_view(self.x) is None:  # a view whose other dims do not collapse
+            self.x = self.x.contiguous()
+        self.xs = _class_dim_view(self.x)[1]
+        if self.soft:
+            _check(target.shape == input.shape,
+                   f"probability target has shape {list(target.shape)} but input has shape {list(input.shape)}; "
+                   "class-index targets must be integer (cast with .long())")  # fmt: skip
+            _check(target.dtype == input.dtype,
+                   f"probability target dtype {target.dtype} differs from input dtype {input.dtype}",
+                   CrossEntropyTypeError)  # fmt: skip
+            self.target = _as_batch(target)
+            if _class_dim_view(self.target) is None:
+                self.target = self.target.contiguous()
+            self.ts = _class_dim_view(self.target)[1]
+        else:
+            _check(target.dtype == torch.int64,
+                   f"class-index target must be int64, got {target.dtype}; cast with .long()",
+                   CrossEntropyTypeError)  # fmt: skip
+            _check(
+                list(target.shape) == positions,
+                f"target has shape {list(target.shape)} but input {list(input.shape)} needs {positions}",
+            )
+            self.target = target.reshape(-1).contiguous()
+            self.ts = (0, 0, 0)
+        self.acc = acc_dtype(self.x.dtype)
+        self.weight = None
+        weight_sum: float | torch.Tensor = float(self.classes)
+        if weight is not None:
+            _check(weight.dim() == 1 and weight.numel() == self.classes,
+                   f"weight must have shape [{self.classes}], got {list(weight.shape)}")  # fmt: skip
+            _check(weight.device == input.device, f"weight is on {weight.device} but input on {input.device}")
+            self.weight = weight.to(self.acc).contiguous()
+            if label_smoothing > 0:  # W is only read with smoothing; summed on the device, no sync
+                weight_sum = self.weight.sum()
+        self.ignore_index = int(ignore_index)
+        self.smoothing = float(label_smoothing)
+        self.softcap = float(softcap) if softcap > 0 else 0.0
+        # The floats as one tensor in the accumulation dtype: [eps, z_loss, softcap, W].
+        params = torch.tensor([self.smoothing, float(z_loss), self.softcap, 0.0], dtype=self.acc, device=input.device)
+        params[3] = weight_sum
+        self.params = params
+
+    @property
+    def rows(self) -> int:
+        return self.outer * self.inner
+
+    def flags(self, *class_strides: int) -> dict:
+        span = (self.classes - 1) * max(abs(s) for s in (self.xs[1], self.ts[1], *class_strides))
+        return dict(
+            SOFT=self.soft,
+            HAS_WEIGHT=self.weight is not None,
+            SOFTCAP=self.softcap > 0,
+            LIBDEVICE=_LIBDEVICE,
+            BLOCK=_block(self.classes),
+            WIDE=span + _block(self.classes) >= 2**31,
+        )
+
+    def weight_arg(self) -> torch.Tensor:
+        return self.weight if self.weight is not None else self.params  # dummy, never read
+
+    def position_string(self, flat: int) -> str:
+        index = []
+        for size in reversed(self.positions):
+            index.append(flat % size if size > 0 else 0)
+            flat = flat // size if size > 0 else 0
+        index.reverse()
+        return "(" + ", ".join(map(str, index)) + (",)" if len(index) == 1 else ")")
+
+    def check_targets(self) -> None:
+        """IndexError naming the first class index outside [0, C) that is not ignore_index."""
+        t = self.target
+        bad = t.ne(self.ignore_index) & (t.lt(0) | t.ge(self.classes))
+        where = bad.nonzero()
+        if where.size(0) == 0:
+            return
+        flat = int(where[0, 0])
+        value = int(t[flat])
+        raise IndexError(
+            f"alchemy_ops: target {value} at position {self.position_string(flat)} is out of range for "
+            f"{self.classes} classes (expected 0 <= target < {self.classes} or ignore_index={self.ignore_index})"
+        )
+
+
+def _forward(p: _Problem, input: torch.Tensor, check_target: bool, grad_scale: torch.Tensor | None):
+    # Checked before anything is written: a bad target must not cost the in-place caller its logits.
+    if check_target and not p.soft and p.rows > 0:
+        p.check_targets()
+    loss = torch.empty(p.rows, dtype=p.acc, device=p.x.device)
+    lse = torch.empty(p.rows, dtype=p.acc, device=p.x.device)
+    if p.rows > 0:
+        scale = p.params  # dummy, never read
+        if grad_scale is not None:
+            _check(grad_scale.numel() == p.rows, "grad_scale must have one value per position")
+            scale = grad_scale.to(p.acc).reshape(-1).contiguous()
+        _ce_forward_kernel[(p.rows,)](
+            p.x, p.target, p.weight_arg(), p.params, scale, loss, lse,
+            p.classes, p.inner, p.ignore_index, *p.xs, *p.ts,
+            SMOOTH=p.smoothing > 0, INPLACE=grad_scale is not None, **p.flags(),
+        )  # fmt: skip
+        if grad_scale is not None and p.x.data_ptr() != input.data_ptr():
+            _as_batch(input).copy_(p.x)
+    return loss.view(p.positions), lse.view(p.positions)
+
+
+@torch.library.register_kernel("alchemy_ops::triton_cross_entropy_forward", ("cpu", "cuda"))
+def _cross_entropy_forward(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+    check_target: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    p = _Problem(input, target, weight, ignore_index, label_smoothing, z_loss, softcap)
+    return _forward(p, input, check_target, None)
+
+
+@torch.library.register_kernel("alchemy_ops::triton_cross_entropy_forward_inplace", ("cpu", "cuda"))
+def _cross_entropy_forward_inplace(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    grad_scale: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+    check_target: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    p = _Problem(input, target, weight, ignore_index, label_smoothing, z_loss, softcap)
+    # Each program rewrites its own row: rows that share memory (an expanded input) would race.
+    _check(torch._debug_has_internal_overlap(input) != 1,
+           "cross_entropy_forward_inplace: input has elements that share memory (e.g. an expanded "
+           "tensor); pass a tensor that owns its logits, e.g. input.clone()")  # fmt: skip
+    return _forward(p, input, check_target, grad_scale)
+
+
+@torch.library.register_kernel("alchemy_ops::triton_cross_entropy_backward", ("cpu", "cuda"))
+def _cross_entropy_backward(
+    grad_loss: torch.Tensor,
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    lse: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+) -> torch.Tensor:
+    p = _Problem(input, target, weight, ignore_index, label_smoothing, z_loss, softcap)
+    _check(grad_loss.numel() == p.rows and lse.numel() == p.rows,
+           "grad_loss and lse must have one value per position")  # fmt: skip
+    dx = torch.empty_like(input)
+    if dx.numel() == 0:
+        return dx
+    g = grad_loss.to(p.acc).reshape(-1).contiguous()
+    l = lse.to(p.acc).reshape(-1).contiguous()  # noqa: E741
+    out = _as_batch(dx)
+    view = _class_dim_view(out)
+    packed = out if view is not None else torch.empty_like(p.x, memory_format=torch.contiguous_format)
+    dxs = _class_dim_view(packed)[1]
+    _ce_backward_kernel[(p.rows,)](
+        g, p.x, p.target, p.weight_arg(), p.params, l, packed,
+        p.classes, p.inner, p.ignore_index, *p.xs, *p.ts, *dxs,
+        **p.flags(dxs[1]),
+    )  # fmt: skip
+    if packed is not out:
+        out.copy_(packed)
+    return dx

@@ -1,0 +1,544 @@
+// CUDA kernels of cross_entropy_forward / _backward / _forward_inplace.
+//
+// One body per direction, three shapes of it, picked by kThreads (threads per position):
+//   32  (warp per position, 4 positions per block) for unit class stride, 16 < C <= 1024;
+//   512 (block per position, class loop) for unit class stride, longer rows;
+//   1   (thread per position, class loop) for any other layout, e.g. dim 1 of NCHW, and
+//       for C <= 16: adjacent threads on adjacent positions, so the loads coalesce.
+// With unit class stride and 16-byte aligned rows, loads and stores are 16-byte packs
+// (a runtime flag, not a template parameter). Forward reads the row once for the
+// online statistics and, in the same pass, the label-smoothing sum sum_c w_c z_c or the
+// probability-target sums; the in-place variant then writes the gradient over the row
+// while it is still in cache. Backward reads the row (and a probability target twice)
+// and writes the gradient once. Reductions are fixed-order shuffle / shared-memory
+// trees: no atomics, bitwise reproducible. The math is alchemy/cross_entropy.h's.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include <alchemy/cross_entropy.h>
+#include <alchemy/cross_entropy_host.h>
+#include <alchemy/online_softmax.h>
+#include <alchemy/row_layout.h>
+
+namespace alchemy::cuda {
+namespace {
+
+template <typename T>
+using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+constexpr int kWarp = 32;
+constexpr int kBlockThreads = 512;     // block-per-position kernels
+constexpr int kWarpRowsPerBlock = 4;   // warp-per-position kernels: 4 positions per 128-thread block
+constexpr int kLaneThreads = 256;      // thread-per-position kernels
+constexpr int64_t kWarpRowMaxClasses = 1024;
+constexpr int64_t kLaneMaxClasses = 16;  // shorter rows: a thread per position whatever the layout
+
+template <typename T>
+constexpr int pack_size() {
+  return 16 / sizeof(T) > 0 ? 16 / sizeof(T) : 1;
+}
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+// The position this thread works on and its index among the kThreads threads of that position.
+template <int kThreads>
+__device__ __forceinline__ int64_t position_index() {
+  if constexpr (kThreads == 1) return int64_t(blockIdx.x) * kLaneThreads + threadIdx.x;
+  if constexpr (kThreads == kWarp) return int64_t(blockIdx.x) * kWarpRowsPerBlock + threadIdx.y;
+  return int64_t(blockIdx.x);
+}
+
+template <int kThreads>
+__device__ __forceinline__ int thread_in_row() {
+  return kThreads == 1 ? 0 : int(threadIdx.x);
+}
+
+// Calls f(std::integral_constant<int, N>, c) for the classes [c, c + N) this thread owns:
+// kPack-wide chunks (only when `packed`, which implies unit stride and aligned rows),
+// then single classes. Consecutive threads take consecutive chunks, so accesses coalesce.
+template <int kThreads, int kPack, typename F>
+__device__ __forceinline__ void for_each_chunk(int64_t C, bool packed, const F& f) {
+  const int t = thread_in_row<kThreads>();
+  int64_t first = 0;
+  if constexpr (kThreads > 1 && kPack > 1) {
+    const int64_t packs = packed ? C / kPack : 0;
+    for (int64_t p = t; p < packs; p += kThreads) f(std::integral_constant<int, kPack>{}, p * kPack);
+    first = packs * kPack;
+  }
+  for (int64_t c = first + t; c < C; c += kThreads) f(std::integral_constant<int, 1>{}, c);
+}
+
+// v[j] = acc(row[(c + j) * stride]); N > 1 only with stride 1 and a pack-aligned row.
+template <int N, typename T, typename acc_t>
+__device__ __forceinline__ void load_chunk(const T* row, int64_t c, int64_t stride, acc_t (&v)[N]) {
+  if constexpr (N == 1) {
+    v[0] = static_cast<acc_t>(row[c * stride]);
+  } else {
+    const Pack<T, N> in = *reinterpret_cast<const Pack<T, N>*>(row + c);
+#pragma unroll
+    for (int j = 0; j < N; ++j) v[j] = static_cast<acc_t>(in.v[j]);
+  }
+}
+
+template <int N, typename T, typename acc_t>
+__device__ __forceinline__ void store_chunk(T* row, int64_t c, int64_t stride, const acc_t (&v)[N]) {
+  if constexpr (N == 1) {
+    row[c * stride] = static_cast<T>(v[0]);
+  } else {
+    Pack<T, N> out;
+#pragma unroll
+    for (int j = 0; j < N; ++j) out.v[j] = static_cast<T>(v[j]);
+    *reinterpret_cast<Pack<T, N>*>(row + c) = out;
+  }
+}
+
+// One position's partial reduction: softmax statistics of the capped logits, and two sums
+// (class index: s1 = sum_c w_c z_c; probabilities: s1 = T = sum_c w_c t'_c, s2 = S = sum_c w_c t'_c z_c).
+template <typename acc_t>
+struct Partial {
+  SoftmaxStats<acc_t> st;
+  acc_t s1, s2;
+};
+
+// Butterfly over the warp: every lane ends with the warp's result. `sums` is uniform
+// across the warp (a kernel argument), so the conditional shuffles keep the full mask.
+template <typename acc_t>
+__device__ __forceinline__ Partial<acc_t> warp_reduce(Partial<acc_t> v, bool sums) {
+#pragma unroll
+  for (int off = kWarp / 2; off > 0; off /= 2) {
+    const SoftmaxStats<acc_t> other{__shfl_xor_sync(0xffffffffu, v.st.max, off),
+                                    __shfl_xor_sync(0xffffffffu, v.st.sum, off)};
+    v.st = merge(v.st, other, acc_t(1));
+    if (sums) {
+      v.s1 += __shfl_xor_sync(0xffffffffu, v.s1, off);
+      v.s2 += __shfl_xor_sync(0xffffffffu, v.s2, off);
+    }
+  }
+  return v;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_sum(acc_t v) {
+#pragma unroll
+  for (int off = kWarp / 2; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// Reduces over the kThreads threads of a position; every one of them gets the result.
+// The block version ends with a __syncthreads (between the shared writes and reads), so
+// global loads issued before it are ordered before any thread's later stores.
+template <int kThreads, typename acc_t>
+__device__ __forceinline__ Partial<acc_t> row_reduce(Partial<acc_t> v, bool sums) {
+  if constexpr (kThreads == 1) {
+    return v;
+  } else {
+    v = warp_reduce(v, sums);
+    if constexpr (kThreads > kWarp) {
+      __shared__ Partial<acc_t> partial[kThreads / kWarp];
+      const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+      if (lane == 0) partial[warp] = v;
+      __syncthreads();
+      v = lane < kThreads / kWarp ? partial[lane] : Partial<acc_t>{empty_stats<acc_t>(), acc_t(0), acc_t(0)};
+      v = warp_reduce(v, sums);
+    } else {
+      __syncwarp();  // memory order among the lanes, as the block version's barrier
+    }
+    return v;
+  }
+}
+
+template <int kThreads, typename acc_t>
+__device__ __forceinline__ acc_t row_sum(acc_t v) {
+  if constexpr (kThreads == 1) {
+    return v;
+  } else {
+    v = warp_sum(v);
+    if constexpr (kThreads > kWarp) {
+      __shared__ acc_t partial[kThreads / kWarp];
+      const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+      if (lane == 0) partial[warp] = v;
+      __syncthreads();
+      v = warp_sum(lane < kThreads / kWarp ? partial[lane] : acc_t(0));
+    }
+    return v;
+  }
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t weight_at(const acc_t* w, int64_t c) {
+  return w != nullptr ? w[c] : acc_t(1);
+}
+
+// What a kernel knows about the problem. Pointers to rows are formed per position.
+template <typename scalar_t>
+struct Args {
+  using acc_t = acc_type<scalar_t>;
+  const scalar_t* x;       // logits
+  const int64_t* index;    // class-index targets [rows], or nullptr
+  const scalar_t* prob;    // probability targets (strides ts), or nullptr
+  const acc_t* weight;     // [C] or nullptr
+  int64_t rows, inner;
+  RowStrides xs, ts;
+  CrossEntropyConfig<acc_t> cfg;
+  bool packed;             // 16-byte chunks: unit class stride and aligned rows for every operand
+};
+
+__host__ __device__ __forceinline__ int64_t row_offset(const RowStrides& s, int64_t o, int64_t i) {
+  return o * s.outer + i * s.inner;
+}
+
+// Writes value over a whole gradient row (ignored: 0; bad class index: NaN).
+template <int kThreads, int kPack, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void fill_row(scalar_t* dr, int64_t cls, int64_t C, bool packed, acc_t value) {
+  for_each_chunk<kThreads, kPack>(C, packed, [&](auto n, int64_t c) {
+    constexpr int N = decltype(n)::value;
+    acc_t v[N];
+#pragma unroll
+    for (int j = 0; j < N; ++j) v[j] = value;
+    store_chunk<N>(dr, c, cls, v);
+  });
+}
+
+// dr[c] = g * d loss / d x_c over the row, given lse, the target (class y, or the
+// probability row tr) and mass (class_target_mass(w_y), or T). Each x_c is loaded by
+// the thread that then stores dr[c], so dr may alias xr element for element.
+template <int kThreads, int kPack, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void gradient_pass(const Args<scalar_t>& a, const scalar_t* xr, const scalar_t* tr,
+                                              int64_t y, acc_t w_y, acc_t mass, acc_t g, acc_t lse, scalar_t* dr,
+                                              int64_t dcls) {
+  const CrossEntropyConfig<acc_t>& cfg = a.cfg;
+  const bool soft = tr != nullptr;
+  const acc_t coef = grad_prob_coeff(mass, lse, cfg);
+  const bool smooth = cfg.smoothing > acc_t(0);
+  for_each_chunk<kThreads, kPack>(cfg.classes, a.packed, [&](auto n, int64_t c) {
+    constexpr int N = decltype(n)::value;
+    acc_t v[N], t[N];
+    load_chunk<N>(xr, c, a.xs.cls, v);
+    if (soft) load_chunk<N>(tr, c, a.ts.cls, t);
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      const int64_t k = c + j;
+      if (!soft && k == y) {  // p_y - 1 formed in acc_t from the unrounded p_y
+        v[j] = class_target_grad_at_target(g, v[j], lse, w_y, cfg);
+        continue;
+      }
+      acc_t b;
+      if (soft) {
+        b = weight_at(a.weight, k) * smoothed_prob(t[j], cfg);
+      } else {
+        b = smooth ? smoothing_grad_term(weight_at(a.weight, k), cfg) : acc_t(0);
+      }
+      const acc_t z = capped_logit(v[j], cfg.softcap);
+      v[j] = g * (coef * exp_acc(z - lse) - b) * capped_logit_grad(v[j], cfg.softcap);
+    }
+    store_chunk<N>(dr, c, dcls, v);
+  });
+}
+
+// loss[r], lse[r] per position; with grad_scale, also x = grad_scale[r] * d loss / d x.
+template <int kThreads, typename scalar_t>
+__device__ __forceinline__ void forward_position(const Args<scalar_t>& a, acc_type<scalar_t>* __restrict__ loss,
+                                                 acc_type<scalar_t>* __restrict__ lse_out,
+                                                 const acc_type<scalar_t>* __restrict__ grad_scale,
+                                                 scalar_t* grad) {  // grad: a.x itself (in-place) or nullptr
+  using acc_t = acc_type<scalar_t>;
+  constexpr int kPack = pack_size<scalar_t>();
+  const int64_t r = position_index<kThreads>();
+  if (r >= a.rows) return;  // uniform per position: whole warps (warp kernel) or blocks exit
+  const CrossEntropyConfig<acc_t>& cfg = a.cfg;
+  const int64_t C = cfg.classes;
+  const int64_t o = r / a.inner, i = r % a.inner;
+  const scalar_t* xr = a.x + row_offset(a.xs, o, i);
+  scalar_t* gr = grad != nullptr ? grad + row_offset(a.xs, o, i) : nullptr;
+  const bool lead = thread_in_row<kThreads>() == 0;
+  const bool soft = a.prob != nullptr;
+  const scalar_t* tr = soft ? a.prob + row_offset(a.ts, o, i) : nullptr;
+
+  int64_t y = 0;
+  if (!soft) {
+    y = a.index[r];  // same address for every thread of the position: one broadcast load
+    const bool ignored = y == cfg.ignore_index;
+    if (ignored || !target_in_range(y, C)) {  // the row is not read; a bad index is never dereferenced
+      const acc_t value = ignored ? acc_t(0) : quiet_nan<acc_t>();
+      if (lead) {
+        loss[r] = value;
+        lse_out[r] = value;
+      }
+      if (gr != nullptr) fill_row<kThreads, kPack>(gr, a.xs.cls, C, a.packed, value);
+      return;
+    }
+  }
+
+  const bool sums = soft || cfg.smoothing > acc_t(0);
+  Partial<acc_t> part{empty_stats<acc_t>(), acc_t(0), acc_t(0)};
+  for_each_chunk<kThreads, kPack>(C, a.packed, [&](auto n, int64_t c) {
+    constexpr int N = decltype(n)::value;
+    acc_t z[N];
+    load_chunk<N>(xr, c, a.xs.cls, z);
+#pragma unroll
+    for (int j = 0; j < N; ++j) z[j] = capped_logit(z[j], cfg.softcap);
+    part.st = accumulate(part.st, z, acc_t(1));
+    if (soft) {
+      acc_t t[N];
+      load_chunk<N>(tr, c, a.ts.cls, t);
+#pragma unroll
+      for (int j = 0; j < N; ++j) {
+        const acc_t q = weight_at(a.weight, c + j) * smoothed_prob(t[j], cfg);
+        part.s1 += q;
+        part.s2 += q * z[j];
+      }
+    } else if (sums) {
+#pragma unroll
+      for (int j = 0; j < N; ++j) part.s1 += weight_at(a.weight, c + j) * z[j];
+    }
+  });
+  // The target logit, read by the writing thread before the reduction's barrier, so
+  // before the in-place pass overwrites it.
+  acc_t x_y = 0;
+  if (!soft && lead) x_y = static_cast<acc_t>(xr[y * a.xs.cls]);
+  part = row_reduce<kThreads>(part, sums);
+
+  const acc_t lse = log_sum_exp(part.st);
+  const acc_t w_y = soft ? acc_t(0) : weight_at(a.weight, y);
+  if (lead) {
+    loss[r] = soft ? prob_target_loss(lse, part.s1, part.s2, cfg)
+                   : class_target_loss(lse, capped_logit(x_y, cfg.softcap), w_y, part.s1, cfg);
+    lse_out[r] = lse;
+  }
+  if (gr == nullptr) return;
+  const acc_t mass = soft ? part.s1 : class_target_mass(w_y, cfg);
+  gradient_pass<kThreads, kPack>(a, xr, tr, y, w_y, mass, grad_scale[r], lse, gr, a.xs.cls);
+}
+
+// dx = grad_loss[r] * d loss / d x, written at the dx strides ds.
+template <int kThreads, typename scalar_t>
+__device__ __forceinline__ void backward_position(const Args<scalar_t>& a,
+                                                  const acc_type<scalar_t>* __restrict__ grad_loss,
+                                                  const acc_type<scalar_t>* __restrict__ lse_in,
+                                                  scalar_t* __restrict__ dx, const RowStrides& ds) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int kPack = pack_size<scalar_t>();
+  const int64_t r = position_index<kThreads>();
+  if (r >= a.rows) return;
+  const CrossEntropyConfig<acc_t>& cfg = a.cfg;
+  const int64_t C = cfg.classes;
+  const int64_t o = r / a.inner, i = r % a.inner;
+  const scalar_t* xr = a.x + row_offset(a.xs, o, i);
+  scalar_t* dr = dx + row_offset(ds, o, i);
+  const bool soft = a.prob != nullptr;
+  const scalar_t* tr = soft ? a.prob + row_offset(a.ts, o, i) : nullptr;
+
+  int64_t y = 0;
+  acc_t w_y = 0, mass = 0;
+  if (!soft) {
+    y = a.index[r];
+    const bool ignored = y == cfg.ignore_index;
+    if (ignored || !target_in_range(y, C)) {
+      fill_row<kThreads, kPack>(dr, ds.cls, C, a.packed, ignored ? acc_t(0) : quiet_nan<acc_t>());
+      return;
+    }
+    w_y = weight_at(a.weight, y);
+    mass = class_target_mass(w_y, cfg);
+  } else {
+    acc_t sum = 0;  // T = sum_c w_c t'_c
+    for_each_chunk<kThreads, kPack>(C, a.packed, [&](auto n, int64_t c) {
+      constexpr int N = decltype(n)::value;
+      acc_t t[N];
+      load_chunk<N>(tr, c, a.ts.cls, t);
+#pragma unroll
+      for (int j = 0; j < N; ++j) sum += weight_at(a.weight, c + j) * smoothed_prob(t[j], cfg);
+    });
+    mass = row_sum<kThreads>(sum);
+  }
+  gradient_pass<kThreads, kPack>(a, xr, tr, y, w_y, mass, grad_loss[r], lse_in[r], dr, ds.cls);
+}
+
+// The kernels. Only the 512-thread shape needs launch bounds (<= 128 registers); the others
+// go without, because given a block size ptxas may spill to reach the next occupancy step.
+template <int kThreads, typename scalar_t>
+__global__ void cross_entropy_forward_kernel(Args<scalar_t> a, acc_type<scalar_t>* __restrict__ loss,
+                                             acc_type<scalar_t>* __restrict__ lse,
+                                             const acc_type<scalar_t>* __restrict__ grad_scale, scalar_t* grad) {
+  forward_position<kThreads>(a, loss, lse, grad_scale, grad);
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kBlockThreads)
+    cross_entropy_forward_block_kernel(Args<scalar_t> a, acc_type<scalar_t>* __restrict__ loss,
+                                       acc_type<scalar_t>* __restrict__ lse,
+                                       const acc_type<scalar_t>* __restrict__ grad_scale, scalar_t* grad) {
+  forward_position<kBlockThreads>(a, loss, lse, grad_scale, grad);
+}
+
+template <int kThreads, typename scalar_t>
+__global__ void cross_entropy_backward_kernel(Args<scalar_t> a, const acc_type<scalar_t>* __restrict__ grad_loss,
+                                              const acc_type<scalar_t>* __restrict__ lse, scalar_t* __restrict__ dx,
+                                              RowStrides ds) {
+  backward_position<kThreads>(a, grad_loss, lse, dx, ds);
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kBlockThreads)
+    cross_entropy_backward_block_kernel(Args<scalar_t> a, const acc_type<scalar_t>* __restrict__ grad_loss,
+                                        const acc_type<scalar_t>* __restrict__ lse, scalar_t* __restrict__ dx,
+                                        RowStrides ds) {
+  backward_position<kBlockThreads>(a, grad_loss, lse, dx, ds);
+}
+
+inline unsigned blocks_for(int64_t work, int64_t per_block) {
+  const int64_t blocks = (work + per_block - 1) / per_block;
+  TORCH_CHECK(blocks < (int64_t(1) << 31), "alchemy_ops: too many positions for one CUDA launch (", work, ")");
+  return static_cast<unsigned>(blocks);
+}
+
+// Whether every row of t (strides s over outer x inner positions) starts on a `bytes` boundary.
+bool rows_aligned(const void* base, const RowStrides& s, int64_t outer, int64_t inner, int64_t elem, int64_t bytes) {
+  if (reinterpret_cast<uintptr_t>(base) % bytes != 0) return false;
+  // A dim of extent 1 never advances the pointer, whatever stride it reports.
+  const int64_t so = outer > 1 ? s.outer : 0, si = inner > 1 ? s.inner : 0;
+  return (so * elem) % bytes == 0 && (si * elem) % bytes == 0;
+}
+
+template <typename scalar_t>
+Args<scalar_t> make_args(const CrossEntropyProblem& p) {
+  using acc_t = acc_type<scalar_t>;
+  Args<scalar_t> a{};
+  a.x = p.x.const_data_ptr<scalar_t>();
+  a.index = p.soft ? nullptr : p.target.const_data_ptr<int64_t>();
+  a.prob = p.soft ? p.target.const_data_ptr<scalar_t>() : nullptr;
+  a.weight = p.weight.defined() ? p.weight.const_data_ptr<acc_t>() : nullptr;
+  a.rows = p.rows();
+  a.inner = p.inner;
+  a.xs = p.xs;
+  a.ts = p.ts;
+  a.cfg = p.config<acc_t>();
+  a.packed = false;
+  return a;
+}
+
+// Calls launch(threads per position, grid, block) for the shape that fits the layout:
+// unit class stride for every operand -> a warp or a block per position (with 16-byte
+// chunks when every row is aligned); other layouts and rows of a few classes (a warp
+// would idle most lanes and spend more on its shuffles than on the row) -> a thread per
+// position. `dx` is the extra output's (base, strides), or base nullptr.
+template <typename scalar_t, typename Launch>
+void launch_shape(const CrossEntropyProblem& p, Args<scalar_t>& a, const void* dx, const RowStrides& ds,
+                  const Launch& launch) {
+  constexpr int64_t kElem = sizeof(scalar_t), kBytes = kElem * pack_size<scalar_t>();
+  const bool rows = p.xs.cls == 1 && (!p.soft || p.ts.cls == 1) && (dx == nullptr || ds.cls == 1);
+  const int64_t n = a.rows;
+  if (!rows || p.classes <= kLaneMaxClasses) {
+    launch(std::integral_constant<int, 1>{}, blocks_for(n, kLaneThreads), dim3(kLaneThreads));
+    return;
+  }
+  a.packed = rows_aligned(a.x, p.xs, p.outer, p.inner, kElem, kBytes) &&
+             (!p.soft || rows_aligned(a.prob, p.ts, p.outer, p.inner, kElem, kBytes)) &&
+             (dx == nullptr || rows_aligned(dx, ds, p.outer, p.inner, kElem, kBytes));
+  if (p.classes <= kWarpRowMaxClasses) {
+    launch(std::integral_constant<int, kWarp>{}, blocks_for(n, kWarpRowsPerBlock), dim3(kWarp, kWarpRowsPerBlock));
+  } else {
+    launch(std::integral_constant<int, kBlockThreads>{}, blocks_for(n, 1), dim3(kBlockThreads));
+  }
+}
+
+template <typename scalar_t>
+void launch_forward_typed(const CrossEntropyProblem& p, at::Tensor& loss, at::Tensor& lse,
+                          const at::Tensor& grad_scale) {
+  using acc_t = acc_type<scalar_t>;
+  Args<scalar_t> a = make_args<scalar_t>(p);
+  acc_t* lp = loss.mutable_data_ptr<acc_t>();
+  acc_t* ep = lse.mutable_data_ptr<acc_t>();
+  const bool inplace = grad_scale.defined();
+  const acc_t* sp = inplace ? grad_scale.const_data_ptr<acc_t>() : nullptr;
+  scalar_t* gp = inplace ? p.x.mutable_data_ptr<scalar_t>() : nullptr;  // the gradient overwrites the logits
+  auto stream = at::cuda::getCurrentCUDAStream();
+  // In place, the gradient goes to x's own rows: x's alignment covers it.
+  launch_shape(p, a, nullptr, RowStrides{}, [&](auto threads, unsigned grid, dim3 block) {
+    if constexpr (decltype(threads)::value == kBlockThreads)
+      cross_entropy_forward_block_kernel<scalar_t><<<grid, block, 0, stream>>>(a, lp, ep, sp, gp);
+    else
+      cross_entropy_forward_kernel<decltype(threads)::value, scalar_t><<<grid, block, 0, stream>>>(a, lp, ep, sp, gp);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t>
+void launch_backward_typed(const CrossEntropyProblem& p, const at::Tensor& g, const at::Tensor& lse, at::Tensor& dx,
+                           const RowStrides& ds) {
+  using acc_t = acc_type<scalar_t>;
+  Args<scalar_t> a = make_args<scalar_t>(p);
+  const acc_t* gp = g.const_data_ptr<acc_t>();
+  const acc_t* ep = lse.const_data_ptr<acc_t>();
+  scalar_t* dp = dx.mutable_data_ptr<scalar_t>();
+  auto stream = at::cuda::getCurrentCUDAStream();
+  launch_shape(p, a, dp, ds, [&](auto threads, unsigned grid, dim3 block) {
+    if constexpr (decltype(threads)::value == kBlockThreads)
+      cross_entropy_backward_block_kernel<scalar_t><<<grid, block, 0, stream>>>(a, gp, ep, dp, ds);
+    else
+      cross_entropy_backward_kernel<decltype(threads)::value, scalar_t><<<grid, block, 0, stream>>>(a, gp, ep, dp, ds);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename Launch>
+void dispatch_dtype(const CrossEntropyProblem& p, const Launch& launch) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "alchemy_cross_entropy_cuda",
+                                  [&] { launch(scalar_t{}); });
+}
+
+void launch_forward(const CrossEntropyProblem& p, at::Tensor& loss, at::Tensor& lse, const at::Tensor& grad_scale) {
+  dispatch_dtype(p, [&](auto tag) { launch_forward_typed<decltype(tag)>(p, loss, lse, grad_scale); });
+}
+
+void launch_backward(const CrossEntropyProblem& p, const at::Tensor& g, const at::Tensor& lse, at::Tensor& dx,
+                     const RowStrides& ds) {
+  dispatch_dtype(p, [&](auto tag) { launch_backward_typed<decltype(tag)>(p, g, lse, dx, ds); });
+}
+
+void no_prepare(at::Tensor&) {}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& input, const at::Tensor& target,
+                                                         const std::optional<at::Tensor>& weight,
+                                                         int64_t ignore_index, double label_smoothing, double z_loss,
+                                                         double softcap, bool check_target) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  const auto p = make_cross_entropy_problem(input, target, weight, ignore_index, label_smoothing, z_loss, softcap);
+  return cross_entropy_forward_host(input, p, check_target, nullptr, check_class_targets_aten, launch_forward);
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_inplace(at::Tensor& input, const at::Tensor& target,
+                                                                 const std::optional<at::Tensor>& weight,
+                                                                 const at::Tensor& grad_scale, int64_t ignore_index,
+                                                                 double label_smoothing, double z_loss, double softcap,
+                                                                 bool check_target) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  const auto p = make_cross_entropy_problem(input, target, weight, ignore_index, label_smoothing, z_loss, softcap);
+  return cross_entropy_forward_host(input, p, check_target, &grad_scale, check_class_targets_aten, launch_forward);
+}
+
+at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
+                                  const std::optional<at::Tensor>& weight, const at::Tensor& lse, int64_t ignore_index,
+                                  double label_smoothing, double z_loss, double softcap) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  const auto p = make_cross_entropy_problem(input, target, weight, ignore_index, label_smoothing, z_loss, softcap);
+  return cross_entropy_backward_host(p, input, grad_loss, lse, no_prepare, launch_backward);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(alchemy_ops, CUDA, m) {
+  m.impl("cross_entropy_forward", &cross_entropy_forward);
+  m.impl("cross_entropy_backward", &cross_entropy_backward);
+  m.impl("cross_entropy_forward_inplace", &cross_entropy_forward_inplace);
+}
+
+}  // namespace alchemy::cuda
