@@ -91,8 +91,9 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _cross_entropy_forward_fake(input, target, weight, ignore_index, label_smoothing, z_loss, softcap, check):
-    shape, acc = _positions_shape(input), _acc_dtype(input.dtype)
-    return input.new_empty(shape, dtype=acc), input.new_empty(shape, dtype=acc)
+    # loss in the accumulation dtype; lse in fp64 (max + log-sum unrounded, for an exact backward)
+    shape = _positions_shape(input)
+    return input.new_empty(shape, dtype=_acc_dtype(input.dtype)), input.new_empty(shape, dtype=torch.float64)
 
 
 def _cross_entropy_inplace_fake(
@@ -116,7 +117,7 @@ def _cross_entropy_setup_context(ctx, inputs, output):
 def _prob_target_grad(input, weight, lse, grad_loss, label_smoothing, softcap, target_dtype):
     """d loss / d probability target: (1 - eps) w_c (lse - z_c), only built when the target needs it."""
     cls = 1 if input.dim() > 1 else 0
-    z = input.to(lse.dtype)
+    z = input.to(_acc_dtype(input.dtype))
     if softcap > 0:
         z = softcap * torch.tanh(z / softcap)
     grad = (lse.unsqueeze(cls) - z) * (grad_loss.unsqueeze(cls) * (1 - label_smoothing))
@@ -136,7 +137,7 @@ def _register_cross_entropy(forward, backward, inplace) -> None:
         ignore_index, label_smoothing, z_loss, softcap = ctx.args
         grad_input = grad_target = None
         if ctx.needs_input_grad[0]:
-            g = grad_loss.to(lse.dtype).contiguous()
+            g = grad_loss.to(_acc_dtype(input.dtype)).contiguous()
             grad_input = backward_op(g, input, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap)
         if ctx.needs_input_grad[1]:  # a probability target that requires grad
             grad_target = _prob_target_grad(input, weight, lse, grad_loss, label_smoothing, softcap, target.dtype)

@@ -18,11 +18,11 @@ TORCH_LIBRARY(alchemy_ops, m) {
   // Cross-entropy over the class dim 1 of input [N, C, d1, ...] (dim 0 of [C]), read in place.
   // target: class indices (int64, input's shape without dim 1) or class probabilities (input's
   // shape and dtype). weight: [C] in the accumulation dtype (fp32; fp64 for fp64 input).
-  // softcap <= 0 means none. Returns (loss, lse) per position in the accumulation dtype; loss is
-  // unreduced, 0 at ignore_index. check_target raises IndexError for a class index outside
+  // softcap <= 0 means none. Returns (loss, lse) per position: loss unreduced in the accumulation
+  // dtype, 0 at ignore_index; lse in fp64 (max + log-sum, unrounded, for an exact backward). check_target raises IndexError for a class index outside
   // [0, C) that is not ignore_index; unchecked, such a position gets a NaN loss and gradient.
   m.def("cross_entropy_forward(Tensor input, Tensor target, Tensor? weight, int ignore_index, float label_smoothing, float z_loss, float softcap, bool check_target) -> (Tensor, Tensor)");
-  // grad_loss: per position, the accumulation dtype, contiguous. Returns d loss / d input.
+  // grad_loss: per position, the accumulation dtype; lse as forward returned it. Returns d loss / d input.
   m.def("cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, Tensor lse, int ignore_index, float label_smoothing, float z_loss, float softcap) -> Tensor");
   // Forward, then overwrites input with grad_scale (per position) * d loss / d input: the
   // gradient costs no memory beyond the logits, which are consumed.

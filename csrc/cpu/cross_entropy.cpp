@@ -62,78 +62,108 @@ inline acc_t weight_at(const acc_t* w, int64_t c) {
   return w ? w[c] : acc_t(1);
 }
 
-// sum_c w_c t'_c and sum_c w_c t'_c z_c of a probability target row.
-template <typename acc_t, typename R, typename T>
-std::pair<acc_t, acc_t> prob_target_sums(const R* z, const T* t, const RowContext<acc_t>& ctx) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  const auto& cfg = ctx.cfg;
-  const Vec keep(acc_t(1) - cfg.smoothing), spread(cfg.smoothing / acc_t(cfg.classes));
-  auto wt = [&](int64_t c) { return load_weight(ctx.w, c) * at::vec::fmadd(load_acc(t + c), keep, spread); };
-  auto wt_scalar = [&](int64_t c) { return weight_at(ctx.w, c) * smoothed_prob(static_cast<acc_t>(t[c]), cfg); };
-  const acc_t mass = row_sum<acc_t>(cfg.classes, wt, wt_scalar);
-  // Per element, as PyTorch: a zero target at a -inf logit gives NaN, a smoothed one +inf.
-  const acc_t dot = row_sum<acc_t>(
-      cfg.classes, [&](int64_t c) { return wt(c) * load_acc(z + c); },
-      [&](int64_t c) { return wt_scalar(c) * static_cast<acc_t>(z[c]); });
-  return {mass, dot};
+// Calls f(std::bool_constant<A>{}, ...) for three runtime flags, so the per-element loops
+// carry no branches for options that are off.
+template <typename F>
+void with_flags(bool a, bool b, bool c, const F& f) {
+  auto tag = [](bool v, auto then) {
+    return v ? then(std::true_type{}) : then(std::false_type{});
+  };
+  tag(a, [&](auto ta) { tag(b, [&](auto tb) { tag(c, [&](auto tc) { f(ta, tb, tc); }); }); });
 }
 
-// Loss and lse of one row whose class index y is valid (or of a probability row).
+// w_c t'_c for kVec classes at c (the smoothed probability target, weighted).
+template <typename acc_t, typename T>
+inline at::vec::Vectorized<acc_t> weighted_prob(const T* t, const acc_t* w, int64_t c,
+                                                const CrossEntropyConfig<acc_t>& cfg) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  return load_weight(w, c) *
+         at::vec::fmadd(load_acc(t + c), Vec(acc_t(1) - cfg.smoothing), Vec(cfg.smoothing / acc_t(cfg.classes)));
+}
+
+template <typename acc_t, typename T>
+inline acc_t weighted_prob_at(const T* t, const acc_t* w, int64_t c, const CrossEntropyConfig<acc_t>& cfg) {
+  return weight_at(w, c) * smoothed_prob(static_cast<acc_t>(t[c]), cfg);
+}
+
+// T = sum_c w_c t'_c of a probability target row.
+template <typename acc_t, typename T>
+acc_t prob_target_mass(const T* t, const RowContext<acc_t>& ctx) {
+  return row_sum<acc_t>(
+      ctx.cfg.classes, [&](int64_t c) { return weighted_prob(t, ctx.w, c, ctx.cfg); },
+      [&](int64_t c) { return weighted_prob_at(t, ctx.w, c, ctx.cfg); });
+}
+
+// Loss and saved lse of one row whose class index y is valid (or of a probability row).
+// The sums over the row are taken relative to its max (see cross_entropy.h, Precision).
 template <typename acc_t, typename R, typename T>
-std::pair<acc_t, acc_t> row_loss(const R* z, const T* t, int64_t y, const RowContext<acc_t>& ctx) {
+std::pair<acc_t, double> row_loss(const R* z, const T* t, int64_t y, const RowContext<acc_t>& ctx) {
+  using Vec = at::vec::Vectorized<acc_t>;
   const auto& cfg = ctx.cfg;
-  const acc_t lse = log_sum_exp(row_stats(z, cfg.classes, acc_t(1)));
+  const RowLogSumExp<acc_t> l = row_log_sum_exp(row_stats(z, cfg.classes, acc_t(1)));
+  const Vec vmax(l.max);
   if (t != nullptr) {
-    const auto [mass, dot] = prob_target_sums(z, t, ctx);
-    return {prob_target_loss(lse, mass, dot, cfg), lse};
+    // Per element, as PyTorch: a zero target at a -inf logit gives NaN, a smoothed one +inf.
+    const acc_t dot = row_sum<acc_t>(
+        cfg.classes, [&](int64_t c) { return weighted_prob(t, ctx.w, c, cfg) * (load_acc(z + c) - vmax); },
+        [&](int64_t c) { return weighted_prob_at(t, ctx.w, c, cfg) * (static_cast<acc_t>(z[c]) - l.max); });
+    return {prob_target_loss(l, prob_target_mass(t, ctx), dot, cfg), saved_lse(l)};
   }
   acc_t weighted_sum = 0;
   if (cfg.smoothing > 0) {
     weighted_sum = row_sum<acc_t>(
-        cfg.classes, [&](int64_t c) { return load_weight(ctx.w, c) * load_acc(z + c); },
-        [&](int64_t c) { return weight_at(ctx.w, c) * static_cast<acc_t>(z[c]); });
+        cfg.classes, [&](int64_t c) { return load_weight(ctx.w, c) * (load_acc(z + c) - vmax); },
+        [&](int64_t c) { return weight_at(ctx.w, c) * (static_cast<acc_t>(z[c]) - l.max); });
   }
-  return {class_target_loss(lse, static_cast<acc_t>(z[y]), weight_at(ctx.w, y), weighted_sum, cfg), lse};
+  const acc_t loss = class_target_loss(l, static_cast<acc_t>(z[y]), weight_at(ctx.w, y), weighted_sum, cfg);
+  return {loss, saved_lse(l)};
 }
 
 // dx = g * (a * p_c - b_c) * dz/dx for one row, p_c = exp(z_c - lse). x_target is the
 // uncapped logit at y, read before dx (which may alias z) is written.
 template <typename acc_t, typename R, typename T, typename D>
-void row_grad(const R* z, const T* t, int64_t y, acc_t x_target, acc_t g, acc_t lse, const RowContext<acc_t>& ctx,
-              D* dx) {
+void row_grad(const R* z, const T* t, int64_t y, acc_t x_target, acc_t g, SplitLse<acc_t> lse,
+              const RowContext<acc_t>& ctx, D* dx) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t kVec = Vec::size();
   const auto& cfg = ctx.cfg;
   const int64_t C = cfg.classes;
   const bool soft = t != nullptr;
   const acc_t w_y = soft ? acc_t(0) : weight_at(ctx.w, y);
-  const acc_t mass = soft ? prob_target_sums(z, t, ctx).first : class_target_mass(w_y, cfg);
-  const acc_t a = grad_prob_coeff(mass, lse, cfg);
+  const acc_t a = grad_prob_coeff(soft ? prob_target_mass(t, ctx) : class_target_mass(w_y, cfg), lse, cfg);
   const acc_t target_grad = soft ? acc_t(0) : class_target_grad_at_target(g, x_target, lse, w_y, cfg);
-  const Vec va(a), vg(g), vlse(lse), keep(acc_t(1) - cfg.smoothing), spread(cfg.smoothing / acc_t(C));
-  const Vec inv_cap(cfg.softcap > 0 ? acc_t(1) / cfg.softcap : acc_t(0)), one(1);
-  auto grad = [&](const Vec& zc, const Vec& b) {
-    Vec d = va * fast_exp(zc - vlse) - b;
-    if (cfg.softcap > 0) {
-      const Vec th = zc * inv_cap;  // z = softcap * tanh(x / softcap)
-      d = d * (one - th * th);
+  // dx = ga * p - g * b: ga and g * b are per-row constants unless b varies per class.
+  const acc_t ga = g * a, gb = g * cfg.smoothing / acc_t(C);
+  with_flags(soft, ctx.w != nullptr, cfg.softcap > 0, [&](auto soft_tag, auto weighted_tag, auto capped_tag) {
+    constexpr bool kSoft = decltype(soft_tag)::value, kWeighted = decltype(weighted_tag)::value;
+    constexpr bool kCapped = decltype(capped_tag)::value;
+    const Vec vga(ga), vgb(gb), vg(g), hi(lse.hi), lo(lse.lo), one(1);
+    const Vec inv_cap(kCapped ? acc_t(1) / cfg.softcap : acc_t(0));
+    int64_t c = 0;
+    for (; c + kVec <= C; c += kVec) {
+      const Vec zc = load_acc(z + c);
+      Vec d;
+      if constexpr (kSoft) {
+        d = vga * fast_exp((zc - hi) - lo) - vg * weighted_prob(t, ctx.w, c, cfg);
+      } else if constexpr (kWeighted) {
+        d = vga * fast_exp((zc - hi) - lo) - vgb * Vec::loadu(ctx.w + c);
+      } else {
+        d = vga * fast_exp((zc - hi) - lo) - vgb;
+      }
+      if constexpr (kCapped) {
+        const Vec th = zc * inv_cap;  // z = softcap * tanh(x / softcap)
+        d = d * (one - th * th);
+      }
+      store_acc(dx + c, d);
     }
-    return vg * d;
-  };
-  int64_t c = 0;
-  for (; c + kVec <= C; c += kVec) {
-    const Vec b = soft ? load_weight(ctx.w, c) * at::vec::fmadd(load_acc(t + c), keep, spread)
-                       : load_weight(ctx.w, c) * spread;
-    store_acc(dx + c, grad(load_acc(z + c), b));
-  }
-  for (; c < C; ++c) {
-    const acc_t zc = static_cast<acc_t>(z[c]);
-    const acc_t b = soft ? weight_at(ctx.w, c) * smoothed_prob(static_cast<acc_t>(t[c]), cfg)
-                         : smoothing_grad_term(weight_at(ctx.w, c), cfg);
-    acc_t d = a * exp_acc(zc - lse) - b;
-    if (cfg.softcap > 0) d *= acc_t(1) - (zc / cfg.softcap) * (zc / cfg.softcap);
-    dx[c] = static_cast<D>(g * d);
-  }
+    for (; c < C; ++c) {
+      const acc_t zc = static_cast<acc_t>(z[c]);
+      const acc_t b = kSoft ? weighted_prob_at(t, ctx.w, c, cfg) : smoothing_grad_term(weight_at(ctx.w, c), cfg);
+      acc_t d = g * (a * prob_from_lse(zc, lse) - b);
+      if constexpr (kCapped) d *= acc_t(1) - (zc / cfg.softcap) * (zc / cfg.softcap);
+      dx[c] = static_cast<D>(d);
+    }
+  });
   if (!soft) dx[y] = static_cast<D>(target_grad);  // p_y - 1 formed in acc_t, rounded once
 }
 
@@ -233,7 +263,7 @@ void launch_forward(const CrossEntropyProblem& p, at::Tensor& loss_t, at::Tensor
   const CrossEntropyConfig<acc_t> cfg = p.config<acc_t>();
   const RowContext<acc_t> ctx{cfg, p.weight.defined() ? p.weight.const_data_ptr<acc_t>() : nullptr};
   acc_t* loss = loss_t.mutable_data_ptr<acc_t>();
-  acc_t* lse = lse_t.mutable_data_ptr<acc_t>();
+  double* lse = lse_t.mutable_data_ptr<double>();
   const acc_t* scale = scale_t.defined() ? scale_t.const_data_ptr<acc_t>() : nullptr;
   // In-place: the gradient goes into the logits (x is this op's mutable input).
   scalar_t* x = scale ? p.x.mutable_data_ptr<scalar_t>() : nullptr;
@@ -244,21 +274,22 @@ void launch_forward(const CrossEntropyProblem& p, at::Tensor& loss_t, at::Tensor
     if (kind != RowKind::Valid) {  // ignored: no loss, no gradient; bad (unchecked): NaN
       const acc_t value = kind == RowKind::Ignored ? acc_t(0) : nan;
       loss[r] = value;
-      lse[r] = value;
+      lse[r] = static_cast<double>(value);
       if (xr) fill_row(xr, p.xs.cls, C, value);
       return;
     }
     const auto [row_loss_value, row_lse] = row_loss(z, t, y, ctx);
     loss[r] = row_loss_value;
     lse[r] = row_lse;
+    const SplitLse<acc_t> split = split_lse<acc_t>(row_lse);
     if (!xr) return;
     const acc_t x_target = t ? acc_t(0) : static_cast<acc_t>(xr[y * p.xs.cls]);
     using Z = std::remove_const_t<std::remove_pointer_t<decltype(z)>>;
     if (static_cast<const void*>(z) == static_cast<const void*>(xr)) {
-      row_grad(z, t, y, x_target, scale[r], row_lse, ctx, xr);  // element-wise in place
+      row_grad(z, t, y, x_target, scale[r], split, ctx, xr);  // element-wise in place
     } else if constexpr (std::is_same_v<Z, acc_t>) {
       acc_t* zbuf = const_cast<acc_t*>(z);  // this thread's buffer: overwrite it, then scatter
-      row_grad(z, t, y, x_target, scale[r], row_lse, ctx, zbuf);
+      row_grad(z, t, y, x_target, scale[r], split, ctx, zbuf);
       scatter(zbuf, C, xr, p.xs.cls);
     }
   });
@@ -271,7 +302,7 @@ void launch_backward(const CrossEntropyProblem& p, const at::Tensor& g_t, const 
   const CrossEntropyConfig<acc_t> cfg = p.config<acc_t>();
   const RowContext<acc_t> ctx{cfg, p.weight.defined() ? p.weight.const_data_ptr<acc_t>() : nullptr};
   const acc_t* g = g_t.const_data_ptr<acc_t>();
-  const acc_t* lse = lse_t.const_data_ptr<acc_t>();
+  const double* lse = lse_t.const_data_ptr<double>();
   const scalar_t* x = p.x.const_data_ptr<scalar_t>();
   scalar_t* dx = dx_t.mutable_data_ptr<scalar_t>();
   const int64_t C = p.classes;
@@ -283,10 +314,11 @@ void launch_backward(const CrossEntropyProblem& p, const at::Tensor& g_t, const 
       return;
     }
     const acc_t x_target = t ? acc_t(0) : static_cast<acc_t>(x[o * p.xs.outer + i * p.xs.inner + y * p.xs.cls]);
-    if (ds.cls == 1) return row_grad(z, t, y, x_target, g[r], lse[r], ctx, dr);
+    const SplitLse<acc_t> split = split_lse<acc_t>(lse[r]);
+    if (ds.cls == 1) return row_grad(z, t, y, x_target, g[r], split, ctx, dr);
     thread_local std::vector<acc_t> grad;
     grad.resize(C);
-    row_grad(z, t, y, x_target, g[r], lse[r], ctx, grad.data());
+    row_grad(z, t, y, x_target, g[r], split, ctx, grad.data());
     scatter(grad.data(), C, dr, ds.cls);
   });
 }

@@ -33,7 +33,12 @@ template <typename T>
 using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 constexpr int kWarp = 32;
-constexpr int kBlockThreads = 512;     // block-per-position kernels
+// Block-per-position kernels: 512 threads; 256 for fp64, whose row state needs more than
+// the 128 registers a 512-thread block allows.
+template <typename scalar_t>
+constexpr int block_threads() {
+  return std::is_same_v<scalar_t, double> ? 256 : 512;
+}
 constexpr int kWarpRowsPerBlock = 4;   // warp-per-position kernels: 4 positions per 128-thread block
 constexpr int kLaneThreads = 256;      // thread-per-position kernels
 constexpr int64_t kWarpRowMaxClasses = 1024;
@@ -213,7 +218,8 @@ __device__ __forceinline__ void fill_row(scalar_t* dr, int64_t cls, int64_t C, b
 // the thread that then stores dr[c], so dr may alias xr element for element.
 template <int kThreads, int kPack, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void gradient_pass(const Args<scalar_t>& a, const scalar_t* xr, const scalar_t* tr,
-                                              int64_t y, acc_t w_y, acc_t mass, acc_t g, acc_t lse, scalar_t* dr,
+                                              int64_t y, acc_t w_y, acc_t mass, acc_t g, SplitLse<acc_t> lse,
+                                              scalar_t* dr,
                                               int64_t dcls) {
   const CrossEntropyConfig<acc_t>& cfg = a.cfg;
   const bool soft = tr != nullptr;
@@ -238,7 +244,7 @@ __device__ __forceinline__ void gradient_pass(const Args<scalar_t>& a, const sca
         b = smooth ? smoothing_grad_term(weight_at(a.weight, k), cfg) : acc_t(0);
       }
       const acc_t z = capped_logit(v[j], cfg.softcap);
-      v[j] = g * (coef * exp_acc(z - lse) - b) * capped_logit_grad(v[j], cfg.softcap);
+      v[j] = g * (coef * prob_from_lse(z, lse) - b) * capped_logit_grad(v[j], cfg.softcap);
     }
     store_chunk<N>(dr, c, dcls, v);
   });
@@ -247,7 +253,7 @@ __device__ __forceinline__ void gradient_pass(const Args<scalar_t>& a, const sca
 // loss[r], lse[r] per position; with grad_scale, also x = grad_scale[r] * d loss / d x.
 template <int kThreads, typename scalar_t>
 __device__ __forceinline__ void forward_position(const Args<scalar_t>& a, acc_type<scalar_t>* __restrict__ loss,
-                                                 acc_type<scalar_t>* __restrict__ lse_out,
+                                                 double* __restrict__ lse_out,
                                                  const acc_type<scalar_t>* __restrict__ grad_scale,
                                                  scalar_t* grad) {  // grad: a.x itself (in-place) or nullptr
   using acc_t = acc_type<scalar_t>;
@@ -271,7 +277,7 @@ __device__ __forceinline__ void forward_position(const Args<scalar_t>& a, acc_ty
       const acc_t value = ignored ? acc_t(0) : quiet_nan<acc_t>();
       if (lead) {
         loss[r] = value;
-        lse_out[r] = value;
+        lse_out[r] = static_cast<double>(value);
       }
       if (gr != nullptr) fill_row<kThreads, kPack>(gr, a.xs.cls, C, a.packed, value);
       return;
@@ -279,6 +285,10 @@ __device__ __forceinline__ void forward_position(const Args<scalar_t>& a, acc_ty
   }
 
   const bool sums = soft || cfg.smoothing > acc_t(0);
+  // The sums are taken relative to the row's first logit and moved to its max at the end:
+  // sum w (z - max) directly in fp32 would lose its small value under large logits.
+  acc_t z_ref = sums ? capped_logit(static_cast<acc_t>(xr[0]), cfg.softcap) : acc_t(0);
+  if (!(z_ref > neg_inf<acc_t>() && z_ref < -neg_inf<acc_t>())) z_ref = 0;
   Partial<acc_t> part{empty_stats<acc_t>(), acc_t(0), acc_t(0)};
   for_each_chunk<kThreads, kPack>(C, a.packed, [&](auto n, int64_t c) {
     constexpr int N = decltype(n)::value;
@@ -294,11 +304,11 @@ __device__ __forceinline__ void forward_position(const Args<scalar_t>& a, acc_ty
       for (int j = 0; j < N; ++j) {
         const acc_t q = weight_at(a.weight, c + j) * smoothed_prob(t[j], cfg);
         part.s1 += q;
-        part.s2 += q * z[j];
+        part.s2 += q * (z[j] - z_ref);
       }
     } else if (sums) {
 #pragma unroll
-      for (int j = 0; j < N; ++j) part.s1 += weight_at(a.weight, c + j) * z[j];
+      for (int j = 0; j < N; ++j) part.s1 += weight_at(a.weight, c + j) * (z[j] - z_ref);
     }
   });
   // The target logit, read by the writing thread before the reduction's barrier, so
@@ -307,23 +317,26 @@ __device__ __forceinline__ void forward_position(const Args<scalar_t>& a, acc_ty
   if (!soft && lead) x_y = static_cast<acc_t>(xr[y * a.xs.cls]);
   part = row_reduce<kThreads>(part, sums);
 
-  const acc_t lse = log_sum_exp(part.st);
+  const RowLogSumExp<acc_t> l = row_log_sum_exp(part.st);
   const acc_t w_y = soft ? acc_t(0) : weight_at(a.weight, y);
   if (lead) {
-    loss[r] = soft ? prob_target_loss(lse, part.s1, part.s2, cfg)
-                   : class_target_loss(lse, capped_logit(x_y, cfg.softcap), w_y, part.s1, cfg);
-    lse_out[r] = lse;
+    const acc_t to_max = l.max - z_ref;  // sum w (z - max) = sum w (z - z_ref) - (max - z_ref) sum w
+    loss[r] = soft ? prob_target_loss(l, part.s1, part.s2 - to_max * part.s1, cfg)
+                   : class_target_loss(l, capped_logit(x_y, cfg.softcap), w_y,
+                                       sums ? part.s1 - to_max * cfg.weight_sum : acc_t(0), cfg);
+    lse_out[r] = saved_lse(l);
   }
   if (gr == nullptr) return;
   const acc_t mass = soft ? part.s1 : class_target_mass(w_y, cfg);
-  gradient_pass<kThreads, kPack>(a, xr, tr, y, w_y, mass, grad_scale[r], lse, gr, a.xs.cls);
+  gradient_pass<kThreads, kPack>(a, xr, tr, y, w_y, mass, grad_scale[r], SplitLse<acc_t>{l.max, l.log_sum}, gr,
+                                 a.xs.cls);
 }
 
 // dx = grad_loss[r] * d loss / d x, written at the dx strides ds.
 template <int kThreads, typename scalar_t>
 __device__ __forceinline__ void backward_position(const Args<scalar_t>& a,
                                                   const acc_type<scalar_t>* __restrict__ grad_loss,
-                                                  const acc_type<scalar_t>* __restrict__ lse_in,
+                                                  const double* __restrict__ lse_in,
                                                   scalar_t* __restrict__ dx, const RowStrides& ds) {
   using acc_t = acc_type<scalar_t>;
   constexpr int kPack = pack_size<scalar_t>();
@@ -359,39 +372,39 @@ __device__ __forceinline__ void backward_position(const Args<scalar_t>& a,
     });
     mass = row_sum<kThreads>(sum);
   }
-  gradient_pass<kThreads, kPack>(a, xr, tr, y, w_y, mass, grad_loss[r], lse_in[r], dr, ds.cls);
+  gradient_pass<kThreads, kPack>(a, xr, tr, y, w_y, mass, grad_loss[r], split_lse<acc_t>(lse_in[r]), dr, ds.cls);
 }
 
 // The kernels. Only the 512-thread shape needs launch bounds (<= 128 registers); the others
 // go without, because given a block size ptxas may spill to reach the next occupancy step.
 template <int kThreads, typename scalar_t>
 __global__ void cross_entropy_forward_kernel(Args<scalar_t> a, acc_type<scalar_t>* __restrict__ loss,
-                                             acc_type<scalar_t>* __restrict__ lse,
+                                             double* __restrict__ lse,
                                              const acc_type<scalar_t>* __restrict__ grad_scale, scalar_t* grad) {
   forward_position<kThreads>(a, loss, lse, grad_scale, grad);
 }
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kBlockThreads)
+__global__ void __launch_bounds__(block_threads<scalar_t>())
     cross_entropy_forward_block_kernel(Args<scalar_t> a, acc_type<scalar_t>* __restrict__ loss,
-                                       acc_type<scalar_t>* __restrict__ lse,
+                                       double* __restrict__ lse,
                                        const acc_type<scalar_t>* __restrict__ grad_scale, scalar_t* grad) {
-  forward_position<kBlockThreads>(a, loss, lse, grad_scale, grad);
+  forward_position<block_threads<scalar_t>()>(a, loss, lse, grad_scale, grad);
 }
 
 template <int kThreads, typename scalar_t>
 __global__ void cross_entropy_backward_kernel(Args<scalar_t> a, const acc_type<scalar_t>* __restrict__ grad_loss,
-                                              const acc_type<scalar_t>* __restrict__ lse, scalar_t* __restrict__ dx,
+                                              const double* __restrict__ lse, scalar_t* __restrict__ dx,
                                               RowStrides ds) {
   backward_position<kThreads>(a, grad_loss, lse, dx, ds);
 }
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kBlockThreads)
+__global__ void __launch_bounds__(block_threads<scalar_t>())
     cross_entropy_backward_block_kernel(Args<scalar_t> a, const acc_type<scalar_t>* __restrict__ grad_loss,
-                                        const acc_type<scalar_t>* __restrict__ lse, scalar_t* __restrict__ dx,
+                                        const double* __restrict__ lse, scalar_t* __restrict__ dx,
                                         RowStrides ds) {
-  backward_position<kBlockThreads>(a, grad_loss, lse, dx, ds);
+  backward_position<block_threads<scalar_t>()>(a, grad_loss, lse, dx, ds);
 }
 
 inline unsigned blocks_for(int64_t work, int64_t per_block) {
@@ -446,7 +459,7 @@ void launch_shape(const CrossEntropyProblem& p, Args<scalar_t>& a, const void* d
   if (p.classes <= kWarpRowMaxClasses) {
     launch(std::integral_constant<int, kWarp>{}, blocks_for(n, kWarpRowsPerBlock), dim3(kWarp, kWarpRowsPerBlock));
   } else {
-    launch(std::integral_constant<int, kBlockThreads>{}, blocks_for(n, 1), dim3(kBlockThreads));
+    launch(std::integral_constant<int, block_threads<scalar_t>()>{}, blocks_for(n, 1), dim3(block_threads<scalar_t>()));
   }
 }
 
@@ -456,14 +469,14 @@ void launch_forward_typed(const CrossEntropyProblem& p, at::Tensor& loss, at::Te
   using acc_t = acc_type<scalar_t>;
   Args<scalar_t> a = make_args<scalar_t>(p);
   acc_t* lp = loss.mutable_data_ptr<acc_t>();
-  acc_t* ep = lse.mutable_data_ptr<acc_t>();
+  double* ep = lse.mutable_data_ptr<double>();
   const bool inplace = grad_scale.defined();
   const acc_t* sp = inplace ? grad_scale.const_data_ptr<acc_t>() : nullptr;
   scalar_t* gp = inplace ? p.x.mutable_data_ptr<scalar_t>() : nullptr;  // the gradient overwrites the logits
   auto stream = at::cuda::getCurrentCUDAStream();
   // In place, the gradient goes to x's own rows: x's alignment covers it.
   launch_shape(p, a, nullptr, RowStrides{}, [&](auto threads, unsigned grid, dim3 block) {
-    if constexpr (decltype(threads)::value == kBlockThreads)
+    if constexpr (decltype(threads)::value == block_threads<scalar_t>())
       cross_entropy_forward_block_kernel<scalar_t><<<grid, block, 0, stream>>>(a, lp, ep, sp, gp);
     else
       cross_entropy_forward_kernel<decltype(threads)::value, scalar_t><<<grid, block, 0, stream>>>(a, lp, ep, sp, gp);
@@ -477,11 +490,11 @@ void launch_backward_typed(const CrossEntropyProblem& p, const at::Tensor& g, co
   using acc_t = acc_type<scalar_t>;
   Args<scalar_t> a = make_args<scalar_t>(p);
   const acc_t* gp = g.const_data_ptr<acc_t>();
-  const acc_t* ep = lse.const_data_ptr<acc_t>();
+  const double* ep = lse.const_data_ptr<double>();
   scalar_t* dp = dx.mutable_data_ptr<scalar_t>();
   auto stream = at::cuda::getCurrentCUDAStream();
   launch_shape(p, a, dp, ds, [&](auto threads, unsigned grid, dim3 block) {
-    if constexpr (decltype(threads)::value == kBlockThreads)
+    if constexpr (decltype(threads)::value == block_threads<scalar_t>())
       cross_entropy_backward_block_kernel<scalar_t><<<grid, block, 0, stream>>>(a, gp, ep, dp, ds);
     else
       cross_entropy_backward_kernel<decltype(threads)::value, scalar_t><<<grid, block, 0, stream>>>(a, gp, ep, dp, ds);

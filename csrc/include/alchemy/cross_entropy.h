@@ -13,6 +13,11 @@
 // with p_c = exp(z_c - lse), a = (1 - eps) w_y + eps / C * W + 2 z_loss lse for class
 // indices and a = sum_c w_c t'_c + 2 z_loss lse for probabilities, times
 // dz/dx = 1 - tanh(x / softcap)^2 under softcap.
+//
+// Precision: the forward loss is formed from (z - max) and log_sum, never as lse - z,
+// and the lse saved for backward is fp64 (max + log_sum exactly), split into two
+// fp32 halves there: exp((z - hi) - lo) keeps fp32 accuracy for logits of any size,
+// where an fp32 lse near 1e4 would be off by ~5e-4.
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -54,32 +59,70 @@ ALCHEMY_HD acc_t capped_logit_grad(acc_t x, acc_t softcap) {
   return acc_t(1) - t * t;
 }
 
-// log-sum-exp of a row from its statistics (inv_t = 1); NaN when the row max is NaN
-// or +-inf (a fully -inf row included), where PyTorch's log_softmax is NaN too.
+// A row's log-sum-exp kept as its two parts: the max of z and log sum_c exp(z_c - max).
 template <typename acc_t>
-ALCHEMY_HD acc_t log_sum_exp(SoftmaxStats<acc_t> s) {
-  return degenerate(s.max) ? quiet_nan<acc_t>() : s.max + log_acc(s.sum);
+struct RowLogSumExp {
+  acc_t max;
+  acc_t log_sum;
+  ALCHEMY_HD acc_t value() const { return max + log_sum; }
+};
+
+// From the row statistics (inv_t = 1); NaN parts when the row max is NaN or +-inf (a
+// fully -inf row included), where PyTorch's log_softmax is NaN too.
+template <typename acc_t>
+ALCHEMY_HD RowLogSumExp<acc_t> row_log_sum_exp(SoftmaxStats<acc_t> s) {
+  if (degenerate(s.max)) return {quiet_nan<acc_t>(), quiet_nan<acc_t>()};
+  return {s.max, log_acc(s.sum)};
+}
+
+// The lse saved for backward: fp64, so that max + log_sum is not rounded.
+template <typename acc_t>
+ALCHEMY_HD double saved_lse(RowLogSumExp<acc_t> l) {
+  return static_cast<double>(l.max) + static_cast<double>(l.log_sum);
+}
+
+// A saved lse as hi + lo in acc_t: z - hi is exact for z near hi, then lo corrects.
+template <typename acc_t>
+struct SplitLse {
+  acc_t hi;
+  acc_t lo;
+  ALCHEMY_HD acc_t value() const { return hi + lo; }
+};
+
+template <typename acc_t>
+ALCHEMY_HD SplitLse<acc_t> split_lse(double lse) {
+  const acc_t hi = static_cast<acc_t>(lse);
+  return {hi, static_cast<acc_t>(lse - static_cast<double>(hi))};
+}
+
+// p = exp(z - lse).
+template <typename acc_t>
+ALCHEMY_HD acc_t prob_from_lse(acc_t z, SplitLse<acc_t> l) {
+  return exp_acc((z - l.hi) - l.lo);
 }
 
 // A class index the kernels may read; anything else (and not ignore_index) is bad input.
 ALCHEMY_HD bool target_in_range(int64_t target, int64_t classes) { return target >= 0 && target < classes; }
 
-// Loss at a class-index position. weighted_sum = sum_c w_c z_c, only read when eps > 0
-// (so a -inf logit costs nothing without smoothing, as in PyTorch).
+// Loss at a class-index position. shifted_weighted_sum = sum_c w_c (z_c - max), only read
+// when eps > 0 (so a -inf logit costs nothing without smoothing, as in PyTorch).
 template <typename acc_t>
-ALCHEMY_HD acc_t class_target_loss(acc_t lse, acc_t z_target, acc_t w_target, acc_t weighted_sum,
-                                   const CrossEntropyConfig<acc_t>& cfg) {
-  acc_t loss = (acc_t(1) - cfg.smoothing) * w_target * (lse - z_target);
+ALCHEMY_HD acc_t class_target_loss(RowLogSumExp<acc_t> l, acc_t z_target, acc_t w_target,
+                                   acc_t shifted_weighted_sum, const CrossEntropyConfig<acc_t>& cfg) {
+  acc_t loss = (acc_t(1) - cfg.smoothing) * w_target * (l.log_sum - (z_target - l.max));
   if (cfg.smoothing > acc_t(0))
-    loss += cfg.smoothing / acc_t(cfg.classes) * (cfg.weight_sum * lse - weighted_sum);
+    loss += cfg.smoothing / acc_t(cfg.classes) * (cfg.weight_sum * l.log_sum - shifted_weighted_sum);
+  const acc_t lse = l.value();
   return loss + cfg.z_loss * lse * lse;
 }
 
-// Loss at a probability-target position, from T = sum_c w_c t'_c and S = sum_c w_c t'_c z_c.
+// Loss at a probability-target position, from T = sum_c w_c t'_c and
+// shifted_dot = sum_c w_c t'_c (z_c - max).
 template <typename acc_t>
-ALCHEMY_HD acc_t prob_target_loss(acc_t lse, acc_t target_mass, acc_t target_dot,
+ALCHEMY_HD acc_t prob_target_loss(RowLogSumExp<acc_t> l, acc_t target_mass, acc_t shifted_dot,
                                   const CrossEntropyConfig<acc_t>& cfg) {
-  return target_mass * lse - target_dot + cfg.z_loss * lse * lse;
+  const acc_t lse = l.value();
+  return target_mass * l.log_sum - shifted_dot + cfg.z_loss * lse * lse;
 }
 
 // t'_c: the smoothed probability target.
@@ -91,8 +134,8 @@ ALCHEMY_HD acc_t smoothed_prob(acc_t t, const CrossEntropyConfig<acc_t>& cfg) {
 // The coefficient a of p_c in the gradient; target_mass is (1 - eps) w_y + eps / C * W
 // for class indices (class_target_mass) and sum_c w_c t'_c for probabilities.
 template <typename acc_t>
-ALCHEMY_HD acc_t grad_prob_coeff(acc_t target_mass, acc_t lse, const CrossEntropyConfig<acc_t>& cfg) {
-  return target_mass + acc_t(2) * cfg.z_loss * lse;
+ALCHEMY_HD acc_t grad_prob_coeff(acc_t target_mass, SplitLse<acc_t> l, const CrossEntropyConfig<acc_t>& cfg) {
+  return target_mass + acc_t(2) * cfg.z_loss * l.value();
 }
 
 template <typename acc_t>
@@ -109,11 +152,11 @@ ALCHEMY_HD acc_t smoothing_grad_term(acc_t w_c, const CrossEntropyConfig<acc_t>&
 // Gradient wrt x at the target class of a class-index position, formed in acc_t before
 // any rounding (p_y - 1 must not be rounded from p_y first).
 template <typename acc_t>
-ALCHEMY_HD acc_t class_target_grad_at_target(acc_t g, acc_t x_target, acc_t lse, acc_t w_target,
+ALCHEMY_HD acc_t class_target_grad_at_target(acc_t g, acc_t x_target, SplitLse<acc_t> l, acc_t w_target,
                                              const CrossEntropyConfig<acc_t>& cfg) {
   const acc_t z = capped_logit(x_target, cfg.softcap);
-  const acc_t a = grad_prob_coeff(class_target_mass(w_target, cfg), lse, cfg);
-  const acc_t d = a * exp_acc(z - lse) - smoothing_grad_term(w_target, cfg) - (acc_t(1) - cfg.smoothing) * w_target;
+  const acc_t a = grad_prob_coeff(class_target_mass(w_target, cfg), l, cfg);
+  const acc_t d = a * prob_from_lse(z, l) - smoothing_grad_term(w_target, cfg) - (acc_t(1) - cfg.smoothing) * w_target;
   return g * d * capped_logit_grad(x_target, cfg.softcap);
 }
 

@@ -135,8 +135,8 @@ inline void check_class_targets_aten(const CrossEntropyProblem& p) {
   raise_bad_target(p, flat, t[flat].item<int64_t>());
 }
 
-inline at::Tensor positions_like(const CrossEntropyProblem& p, const at::Tensor& ref) {
-  return at::empty({p.rows()}, ref.options().dtype(p.acc_dtype()));
+inline at::Tensor positions_like(const CrossEntropyProblem& p, const at::Tensor& ref, at::ScalarType dtype) {
+  return at::empty({p.rows()}, ref.options().dtype(dtype));
 }
 
 // The device files supply:
@@ -152,7 +152,8 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_host(const at::Tensor& 
                                                               const Check& check, const Forward& forward) {
   // Checked before anything is written: a bad target must not cost the in-place caller its logits.
   if (check_target && !p.soft && p.rows() > 0) check(p);
-  at::Tensor loss = positions_like(p, p.x), lse = positions_like(p, p.x);
+  // lse is fp64 whatever the input: see saved_lse in cross_entropy.h.
+  at::Tensor loss = positions_like(p, p.x, p.acc_dtype()), lse = positions_like(p, p.x, at::kDouble);
   if (p.rows() > 0) {
     at::Tensor scale;
     if (grad_scale != nullptr) {
@@ -174,7 +175,7 @@ at::Tensor cross_entropy_backward_host(const CrossEntropyProblem& p, const at::T
   if (dx.numel() == 0) return dx;
   prepare(dx);
   const at::Tensor g = grad_loss.to(p.acc_dtype()).reshape({-1}).contiguous();
-  const at::Tensor l = lse.to(p.acc_dtype()).reshape({-1}).contiguous();
+  const at::Tensor l = lse.to(at::kDouble).reshape({-1}).contiguous();
   at::Tensor out = as_batch(dx);
   auto strides = class_dim_strides(out);
   if (!strides) {
