@@ -123,7 +123,7 @@ std::pair<acc_t, double> row_loss(const R* z, const T* t, int64_t y, const RowCo
 // uncapped logit at y, read before dx (which may alias z) is written.
 template <typename acc_t, typename R, typename T, typename D>
 void row_grad(const R* z, const T* t, int64_t y, acc_t x_target, acc_t g, SplitLse<acc_t> lse,
-              const RowContext<acc_t>& ctx, D* dx) {
+              const RowContext<acc_t>& ctx, D* dx, bool stream = false) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t kVec = Vec::size();
   const auto& cfg = ctx.cfg;
@@ -154,7 +154,7 @@ void row_grad(const R* z, const T* t, int64_t y, acc_t x_target, acc_t g, SplitL
         const Vec th = zc * inv_cap;  // z = softcap * tanh(x / softcap)
         d = d * (one - th * th);
       }
-      store_acc(dx + c, d);
+      stream ? store_acc_stream(dx + c, d) : store_acc(dx + c, d);
     }
     for (; c < C; ++c) {
       const acc_t zc = static_cast<acc_t>(z[c]);
@@ -254,6 +254,7 @@ void for_each_position(const CrossEntropyProblem& p, const Body& body) {
         with_target(static_cast<const acc_t*>(buf.z.data()));
       }
     }
+    stream_fence();  // streamed stores are visible before the task counts as done
   });
 }
 
@@ -306,6 +307,8 @@ void launch_backward(const CrossEntropyProblem& p, const at::Tensor& g_t, const 
   const scalar_t* x = p.x.const_data_ptr<scalar_t>();
   scalar_t* dx = dx_t.mutable_data_ptr<scalar_t>();
   const int64_t C = p.classes;
+  // A gradient much larger than the last-level cache is written around it.
+  const bool stream = dx_t.nbytes() > (int64_t(64) << 20);
   for_each_position<scalar_t>(p, [&](int64_t r, RowKind kind, int64_t y, const auto* z, const auto* t) {
     const int64_t o = r / p.inner, i = r % p.inner;
     scalar_t* dr = dx + o * ds.outer + i * ds.inner;
@@ -315,7 +318,7 @@ void launch_backward(const CrossEntropyProblem& p, const at::Tensor& g_t, const 
     }
     const acc_t x_target = t ? acc_t(0) : static_cast<acc_t>(x[o * p.xs.outer + i * p.xs.inner + y * p.xs.cls]);
     const SplitLse<acc_t> split = split_lse<acc_t>(lse[r]);
-    if (ds.cls == 1) return row_grad(z, t, y, x_target, g[r], split, ctx, dr);
+    if (ds.cls == 1) return row_grad(z, t, y, x_target, g[r], split, ctx, dr, stream);
     thread_local std::vector<acc_t> grad;
     grad.resize(C);
     row_grad(z, t, y, x_target, g[r], split, ctx, grad.data());

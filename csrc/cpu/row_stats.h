@@ -32,8 +32,13 @@ inline void stats_step(const scalar_t* x, SoftmaxStats<acc_type<scalar_t>>& stat
   stats.max = new_max;
   // -inf entries give exp(-inf) = 0; a NaN entry makes the sum NaN.
   const Vec shift(finite_shift(new_max)), vinv(inv_t);
-  ALCHEMY_UNROLL
-  for (int j = 0; j < N; ++j) v[j] = fast_exp((v[j] - shift) * vinv);
+  if (inv_t == acc_t(1)) {  // temperature 1 (and cross-entropy): one multiply less per element
+    ALCHEMY_UNROLL
+    for (int j = 0; j < N; ++j) v[j] = fast_exp(v[j] - shift);
+  } else {
+    ALCHEMY_UNROLL
+    for (int j = 0; j < N; ++j) v[j] = fast_exp((v[j] - shift) * vinv);
+  }
   if (kept != nullptr) {
     ALCHEMY_UNROLL
     for (int j = 0; j < N; ++j) v[j].store(kept + j * Vec::size());

@@ -60,6 +60,33 @@ inline void store_acc(scalar_t* p, const acc_vec_t& v) {
   }
 }
 
+// As store_acc, but bypassing the cache where the CPU can: for outputs far larger than the
+// cache, a plain store first reads each line it writes (a third pass over memory). The
+// writer must call stream_fence() before another thread reads what it streamed.
+template <typename scalar_t, typename acc_vec_t>
+inline void store_acc_stream(scalar_t* p, const acc_vec_t& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (reinterpret_cast<uintptr_t>(p) % 64 == 0) return _mm512_stream_ps(p, v);
+  } else if constexpr (std::is_same_v<scalar_t, double>) {
+    if (reinterpret_cast<uintptr_t>(p) % 64 == 0) return _mm512_stream_pd(p, v);
+  } else if constexpr (is_reduced_float<scalar_t>) {
+    if (reinterpret_cast<uintptr_t>(p) % 32 == 0) {
+      const __m256i packed = std::is_same_v<scalar_t, c10::BFloat16> ? at::vec::cvtfp32_bf16(__m512(v))
+                                                                     : at::vec::cvtfp32_fp16(__m512(v));
+      return _mm256_stream_si256(reinterpret_cast<__m256i*>(p), packed);
+    }
+  }
+#endif
+  store_acc(p, v);
+}
+
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
 // exp of arguments <= 0, the only ones softmax needs (x - max, log-probabilities):
 // exp(-inf) = 0 and NaN stays NaN, which is how a NaN logit reaches its row's sum.
 template <typename acc_vec_t>
