@@ -7,7 +7,7 @@ CUDA_PY := $(CUDA_VENV)/bin/python
 CUDA_HOME ?= /usr/local/cuda
 export MAX_JOBS ?= 2
 
-SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' 2>/dev/null)
+SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 
 .PHONY: all build test bench lint cuda-check clean
 

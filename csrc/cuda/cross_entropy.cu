@@ -26,13 +26,11 @@
 #include <alchemy/online_softmax.h>
 #include <alchemy/row_layout.h>
 
+#include "cuda_common.cuh"
+
 namespace alchemy::cuda {
 namespace {
 
-template <typename T>
-using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-constexpr int kWarp = 32;
 // Block-per-position kernels: 512 threads; 256 for fp64, whose row state needs more than
 // the 128 registers a 512-thread block allows.
 template <typename scalar_t>
@@ -44,15 +42,6 @@ constexpr int kLaneThreads = 256;      // thread-per-position kernels
 constexpr int64_t kWarpRowMaxClasses = 1024;
 constexpr int64_t kLaneMaxClasses = 16;  // shorter rows: a thread per position whatever the layout
 
-template <typename T>
-constexpr int pack_size() {
-  return 16 / sizeof(T) > 0 ? 16 / sizeof(T) : 1;
-}
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
 
 // The position this thread works on and its index among the kThreads threads of that position.
 template <int kThreads>

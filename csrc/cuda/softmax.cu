@@ -15,26 +15,15 @@
 #include <alchemy/softmax_host.h>
 #include <alchemy/row_layout.h>
 
+#include "cuda_common.cuh"
+
 namespace alchemy::cuda {
 namespace {
 
-template <typename T>
-using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-constexpr int kWarp = 32;
 constexpr int kBlockThreads = 512;        // block-per-row kernels
 constexpr int kWarpRowsPerBlock = 4;      // warp-per-row kernels: 4 rows per 128-thread block
 constexpr int64_t kWarpRowMaxClasses = 1024;
 
-template <typename T>
-constexpr int pack_size() {
-  return 16 / sizeof(T) > 0 ? 16 / sizeof(T) : 1;
-}
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
 
 struct RowArgs {
   int64_t classes, inner;
