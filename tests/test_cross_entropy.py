@@ -73,6 +73,7 @@ SHAPES = [
     ((3, 4500), "contiguous"),
     ((2, 5, 3, 4), "contiguous"),
     ((3, 7, 5), "contiguous"),
+    ((2, 5, 4, 9), "contiguous"),  # 36 positions per sample: CPU lanes of 16 (8 for fp64) and a remainder
     ((6, 37), "transposed"),
     ((6, 37), "sliced"),
     ((2, 5, 3, 4), "permuted"),
@@ -426,12 +427,18 @@ def test_out_of_range_target_names_value_and_position(backend):
 def test_unchecked_bad_target_gives_nan_not_a_crash(backend):
     if backend == "reference":
         pytest.skip("the reference backend is PyTorch, which raises by itself")
-    x = _logits((3, 4)).requires_grad_()
-    t = torch.tensor([0, 4, 1])
-    loss = ao.cross_entropy(x, t, reduction="none", check_target=False)
-    assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
-    loss.sum().backward()
-    assert torch.isnan(x.grad[1]).all() and torch.isfinite(x.grad[[0, 2]]).all()
+    # (3, 4): rows; (2, 4, 20): K-dim positions taken 16 at a time by the CPU kernel
+    for shape, bad, ignored in [((3, 4), (1,), (2,)), ((2, 4, 20), (0, 3), (1, 5))]:
+        x = _logits(shape).requires_grad_()
+        t = _targets(x, ignore_every=0)
+        t[bad], t[ignored] = 4, -100
+        loss = ao.cross_entropy(x, t, reduction="none", check_target=False)
+        assert torch.isnan(loss[bad]) and loss[ignored] == 0
+        assert torch.isfinite(loss).sum() == loss.numel() - 1
+        loss.backward(torch.ones_like(loss))
+        grad_bad, grad_ignored = (x.grad[(pos[0], slice(None), *pos[1:])] for pos in (bad, ignored))
+        assert torch.isnan(grad_bad).all() and (grad_ignored == 0).all()
+        assert torch.isfinite(x.grad).sum() == x.numel() - x.shape[1]
 
 
 def _x(*shape):

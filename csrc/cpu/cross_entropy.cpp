@@ -213,50 +213,217 @@ void scatter(const acc_t* src, int64_t C, scalar_t* dx, int64_t stride) {
 
 enum class RowKind { Ignored, Bad, Valid };
 
+// Whether kVec adjacent positions can be the lanes of one vector: the class dim is strided
+// (class dim 1 of [N, C, d...]) while positions are adjacent in every operand.
+template <typename scalar_t>
+bool use_lanes(const CrossEntropyProblem& p, const RowStrides* out) {
+  return p.xs.cls != 1 && p.xs.inner == 1 && p.inner >= AccVec<scalar_t>::size() && (!p.soft || p.ts.inner == 1) &&
+         (out == nullptr || out->inner == 1);
+}
+
 // Runs body(r, kind, y, z_row, t_row) over every position in parallel, with z_row the
 // row's (capped) logits and t_row its probability target (nullptr for class indices),
-// each either in place (unit stride, no softcap) or in this thread's buffers.
-template <typename scalar_t, typename Body>
-void for_each_position(const CrossEntropyProblem& p, const Body& body) {
+// each either in place (unit stride, no softcap) or in this thread's buffers. With
+// `lanes`, full groups of kVec adjacent positions go to lanes(r0) instead.
+template <typename scalar_t, typename Body, typename LanesBody>
+void for_each_position(const CrossEntropyProblem& p, bool lanes, const Body& body, const LanesBody& lanes_body) {
   using acc_t = acc_type<scalar_t>;
+  constexpr int64_t kVec = AccVec<scalar_t>::size();
   const scalar_t* x = p.x.const_data_ptr<scalar_t>();
   const int64_t C = p.classes, inner = p.inner;
   const int64_t* targets = p.soft ? nullptr : p.target.const_data_ptr<int64_t>();
   const scalar_t* probs = p.soft ? p.target.const_data_ptr<scalar_t>() : nullptr;
   const bool z_in_place = p.xs.cls == 1 && !(p.softcap > 0);
   const auto softcap = static_cast<acc_t>(p.softcap);
+  auto visit = [&](int64_t r, RowBuffers<acc_t>& buf) {
+    const int64_t o = r / inner, i = r % inner;
+    const scalar_t* xr = x + o * p.xs.outer + i * p.xs.inner;
+    const int64_t y = targets ? targets[r] : 0;
+    if (targets && y == p.ignore_index) return body(r, RowKind::Ignored, y, xr, static_cast<const scalar_t*>(nullptr));
+    if (targets && !target_in_range(y, C)) return body(r, RowKind::Bad, y, xr, static_cast<const scalar_t*>(nullptr));
+    auto with_target = [&](const auto* zr) {
+      if (!probs) return body(r, RowKind::Valid, y, zr, static_cast<const scalar_t*>(nullptr));
+      const scalar_t* tr = probs + o * p.ts.outer + i * p.ts.inner;
+      if (p.ts.cls == 1) return body(r, RowKind::Valid, y, zr, tr);
+      gather(tr, p.ts.cls, C, buf.t.data());
+      body(r, RowKind::Valid, y, zr, static_cast<const acc_t*>(buf.t.data()));
+    };
+    if (z_in_place) return with_target(xr);
+    gather_capped(xr, p.xs.cls, softcap, C, buf.z.data());
+    with_target(static_cast<const acc_t*>(buf.z.data()));
+  };
   const int64_t grain = std::max<int64_t>(1, 32768 / C);  // ~32K elements per task
-  at::parallel_for(0, p.rows(), grain, [&](int64_t begin, int64_t end) {
+  if (!lanes) {
+    at::parallel_for(0, p.rows(), grain, [&](int64_t begin, int64_t end) {
+      RowBuffers<acc_t>& buf = row_buffers<acc_t>(C);
+      for (int64_t r = begin; r < end; ++r) visit(r, buf);
+      stream_fence();  // streamed stores are visible before the task counts as done
+    });
+    return;
+  }
+  const int64_t blocks = (inner + kVec - 1) / kVec;
+  at::parallel_for(0, p.outer * blocks, std::max<int64_t>(1, grain / kVec), [&](int64_t begin, int64_t end) {
     RowBuffers<acc_t>& buf = row_buffers<acc_t>(C);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t o = r / inner, i = r % inner;
-      const scalar_t* xr = x + o * p.xs.outer + i * p.xs.inner;
-      const int64_t y = targets ? targets[r] : 0;
-      if (targets && y == p.ignore_index) {
-        body(r, RowKind::Ignored, y, xr, static_cast<const scalar_t*>(nullptr));
-        continue;
-      }
-      if (targets && !target_in_range(y, C)) {
-        body(r, RowKind::Bad, y, xr, static_cast<const scalar_t*>(nullptr));
-        continue;
-      }
-      auto with_target = [&](const auto* zr) {
-        if (!probs) return body(r, RowKind::Valid, y, zr, static_cast<const scalar_t*>(nullptr));
-        const scalar_t* tr = probs + o * p.ts.outer + i * p.ts.inner;
-        if (p.ts.cls == 1) return body(r, RowKind::Valid, y, zr, tr);
-        gather(tr, p.ts.cls, C, buf.t.data());
-        body(r, RowKind::Valid, y, zr, static_cast<const acc_t*>(buf.t.data()));
-      };
-      if (z_in_place) {
-        with_target(xr);
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t o = b / blocks, i0 = (b % blocks) * kVec;
+      if (i0 + kVec <= inner) {
+        lanes_body(o * inner + i0);
       } else {
-        gather_capped(xr, p.xs.cls, softcap, C, buf.z.data());
-        with_target(static_cast<const acc_t*>(buf.z.data()));
+        for (int64_t i = i0; i < inner; ++i) visit(o * inner + i, buf);
       }
     }
-    stream_fence();  // streamed stores are visible before the task counts as done
+    stream_fence();
   });
 }
+
+// The lanes path: kVec adjacent positions (unit stride between positions, the classes at
+// stride cls) as the lanes of one vector, looping over the classes; the same math as the
+// rows, lane by lane.
+template <typename scalar_t>
+struct LaneBlock {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = AccVec<scalar_t>;
+  static constexpr int K = Vec::size();
+
+  const CrossEntropyProblem& p;
+  const RowContext<acc_t>& ctx;
+  const scalar_t* xb;  // class 0 of the first lane
+  const scalar_t* tb;  // its probability target, or nullptr
+  Vec y;               // class index per lane (-1 where not valid)
+  Vec w_y;             // weight at the class index (0 where not valid)
+  Vec fill;            // what a lane that is not valid gets: 0 (ignored) or NaN (bad index)
+  Vec invalid;         // mask of those lanes
+  bool any_invalid = false;
+
+  LaneBlock(const CrossEntropyProblem& problem, const RowContext<acc_t>& context, int64_t r0)
+      : p(problem), ctx(context) {
+    const int64_t o = r0 / p.inner, i0 = r0 % p.inner;
+    xb = p.x.const_data_ptr<scalar_t>() + o * p.xs.outer + i0;
+    tb = p.soft ? p.target.const_data_ptr<scalar_t>() + o * p.ts.outer + i0 : nullptr;
+    acc_t ys[K], ws[K], fills[K], bad[K];
+    for (int l = 0; l < K; ++l) {
+      const int64_t t = p.soft ? 0 : p.target.const_data_ptr<int64_t>()[r0 + l];
+      const bool ignored = !p.soft && t == p.ignore_index, valid = p.soft || (!ignored && target_in_range(t, p.classes));
+      ys[l] = valid && !p.soft ? acc_t(t) : acc_t(-1);
+      ws[l] = valid && !p.soft ? weight_at(ctx.w, t) : acc_t(0);
+      fills[l] = ignored ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
+      bad[l] = valid ? acc_t(0) : acc_t(1);
+      any_invalid |= !valid;
+    }
+    y = Vec::loadu(ys);
+    w_y = Vec::loadu(ws);
+    fill = Vec::loadu(fills);
+    invalid = Vec::loadu(bad) == Vec(1);
+  }
+
+  Vec logits(int64_t c) const {
+    const Vec x = load_acc(xb + c * p.xs.cls);
+    if (!(ctx.cfg.softcap > 0)) return x;
+    return Vec(ctx.cfg.softcap) * (x * Vec(acc_t(1) / ctx.cfg.softcap)).tanh();
+  }
+
+  Vec weight(int64_t c) const { return Vec(weight_at(ctx.w, c)); }
+
+  Vec weighted_prob(int64_t c) const {  // w_c t'_c
+    const auto& cfg = ctx.cfg;
+    return weight(c) * at::vec::fmadd(load_acc(tb + c * p.ts.cls), Vec(acc_t(1) - cfg.smoothing),
+                                      Vec(cfg.smoothing / acc_t(cfg.classes)));
+  }
+
+  // Loss and saved lse of every lane, in one pass over the classes. The sums are taken
+  // relative to class 0's logit and moved to the row max at the end (see the CUDA kernel).
+  void forward(acc_t* loss, double* lse, RowLogSumExp<acc_t>* parts) const {
+    const auto& cfg = ctx.cfg;
+    const int64_t C = cfg.classes;
+    const bool sums = p.soft || cfg.smoothing > 0;
+    const Vec ninf(neg_inf<acc_t>()), zero(0);
+    Vec zref = logits(0);
+    zref = Vec::blendv(zero, zref, zref.abs() < Vec(-neg_inf<acc_t>()));  // a non-finite reference: 0
+    Vec vmax = ninf, vsum = zero, zy = zero, s1 = zero, s2 = zero;
+    for (int64_t c = 0; c < C; c += kVecsPerStep) {
+      const int64_t n = std::min<int64_t>(kVecsPerStep, C - c);
+      Vec z[kVecsPerStep];
+      Vec step_max = ninf;
+      for (int64_t j = 0; j < n; ++j) {
+        z[j] = logits(c + j);
+        step_max = running_max(step_max, z[j]);
+      }
+      const Vec new_max = running_max(vmax, step_max);
+      const Vec shift = Vec::blendv(new_max, zero, new_max == ninf);  // lane-wise finite_shift
+      vsum = vsum * fast_exp(vmax - shift);
+      for (int64_t j = 0; j < n; ++j) {
+        vsum += fast_exp(z[j] - shift);
+        if (!p.soft) zy = Vec::blendv(zy, z[j], y == Vec(acc_t(c + j)));
+        if (p.soft) {
+          const Vec q = weighted_prob(c + j);
+          s1 += q;
+          s2 += q * (z[j] - zref);
+        } else if (sums) {
+          s1 += weight(c + j) * (z[j] - zref);
+        }
+      }
+      vmax = new_max;
+    }
+    acc_t m[K], sm[K], zys[K], a1[K], a2[K], refs[K], bad[K], fills[K], wys[K];
+    vmax.store(m);
+    vsum.store(sm);
+    zy.store(zys);
+    s1.store(a1);
+    s2.store(a2);
+    zref.store(refs);
+    Vec::blendv(zero, Vec(1), invalid).store(bad);
+    fill.store(fills);
+    w_y.store(wys);
+    for (int l = 0; l < K; ++l) {
+      if (bad[l] != 0) {
+        loss[l] = fills[l];
+        lse[l] = static_cast<double>(fills[l]);
+        parts[l] = {fills[l], fills[l]};
+        continue;
+      }
+      const RowLogSumExp<acc_t> part = row_log_sum_exp(SoftmaxStats<acc_t>{m[l], sm[l]});
+      const acc_t to_max = part.max - refs[l];  // sum w (z - max) = sum w (z - ref) - (max - ref) sum w
+      loss[l] = p.soft ? prob_target_loss(part, a1[l], a2[l] - to_max * a1[l], cfg)
+                       : class_target_loss(part, zys[l], wys[l], sums ? a1[l] - to_max * cfg.weight_sum : acc_t(0), cfg);
+      lse[l] = saved_lse(part);
+      parts[l] = part;
+    }
+  }
+
+  // dx = g * (a * p_c - b_c) * dz/dx for every lane, with lse = hi + lo per lane.
+  template <typename D>
+  void gradient(const acc_t* g, const SplitLse<acc_t>* lse, D* db, int64_t dcls, bool stream) const {
+    const auto& cfg = ctx.cfg;
+    const int64_t C = cfg.classes;
+    acc_t mass[K], his[K], los[K], coef[K], wys[K];
+    w_y.store(wys);
+    if (p.soft) {
+      Vec t = Vec(0);
+      for (int64_t c = 0; c < C; ++c) t += weighted_prob(c);
+      t.store(mass);
+    }
+    for (int l = 0; l < K; ++l) {
+      if (!p.soft) mass[l] = class_target_mass(wys[l], cfg);
+      his[l] = lse[l].hi;
+      los[l] = lse[l].lo;
+      coef[l] = grad_prob_coeff(mass[l], lse[l], cfg) * g[l];
+    }
+    const Vec va = Vec::loadu(coef), vg = Vec::loadu(g), hi = Vec::loadu(his), lo = Vec::loadu(los);
+    const Vec spread(cfg.smoothing / acc_t(C)), target_term = w_y * Vec(acc_t(1) - cfg.smoothing), zero(0);
+    const Vec inv_cap(cfg.softcap > 0 ? acc_t(1) / cfg.softcap : acc_t(0)), one(1);
+    for (int64_t c = 0; c < C; ++c) {
+      const Vec z = logits(c);
+      Vec b = p.soft ? weighted_prob(c) : weight(c) * spread + Vec::blendv(zero, target_term, y == Vec(acc_t(c)));
+      Vec d = va * fast_exp((z - hi) - lo) - vg * b;
+      if (cfg.softcap > 0) {
+        const Vec th = z * inv_cap;  // z = softcap * tanh(x / softcap)
+        d = d * (one - th * th);
+      }
+      if (any_invalid) d = Vec::blendv(d, fill, invalid);
+      stream ? store_acc_stream(db + c * dcls, d) : store_acc(db + c * dcls, d);
+    }
+  }
+};
 
 template <typename scalar_t>
 void launch_forward(const CrossEntropyProblem& p, at::Tensor& loss_t, at::Tensor& lse_t, const at::Tensor& scale_t) {
@@ -270,7 +437,16 @@ void launch_forward(const CrossEntropyProblem& p, at::Tensor& loss_t, at::Tensor
   scalar_t* x = scale ? p.x.mutable_data_ptr<scalar_t>() : nullptr;
   const int64_t C = p.classes;
   constexpr acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
-  for_each_position<scalar_t>(p, [&](int64_t r, RowKind kind, int64_t y, const auto* z, const auto* t) {
+  auto lanes = [&](int64_t r0) {
+    LaneBlock<scalar_t> block(p, ctx, r0);
+    RowLogSumExp<acc_t> parts[LaneBlock<scalar_t>::K];
+    block.forward(loss + r0, lse + r0, parts);
+    if (!x) return;
+    SplitLse<acc_t> split[LaneBlock<scalar_t>::K];
+    for (int l = 0; l < LaneBlock<scalar_t>::K; ++l) split[l] = {parts[l].max, parts[l].log_sum};
+    block.gradient(scale + r0, split, x + (block.xb - p.x.const_data_ptr<scalar_t>()), p.xs.cls, false);
+  };
+  for_each_position<scalar_t>(p, use_lanes<scalar_t>(p, nullptr), [&](int64_t r, RowKind kind, int64_t y, const auto* z, const auto* t) {
     scalar_t* xr = x ? x + (r / p.inner) * p.xs.outer + (r % p.inner) * p.xs.inner : nullptr;
     if (kind != RowKind::Valid) {  // ignored: no loss, no gradient; bad (unchecked): NaN
       const acc_t value = kind == RowKind::Ignored ? acc_t(0) : nan;
@@ -293,7 +469,7 @@ void launch_forward(const CrossEntropyProblem& p, at::Tensor& loss_t, at::Tensor
       row_grad(z, t, y, x_target, scale[r], split, ctx, zbuf);
       scatter(zbuf, C, xr, p.xs.cls);
     }
-  });
+  }, lanes);
 }
 
 template <typename scalar_t>
@@ -309,7 +485,14 @@ void launch_backward(const CrossEntropyProblem& p, const at::Tensor& g_t, const 
   const int64_t C = p.classes;
   // A gradient much larger than the last-level cache is written around it.
   const bool stream = dx_t.nbytes() > (int64_t(64) << 20);
-  for_each_position<scalar_t>(p, [&](int64_t r, RowKind kind, int64_t y, const auto* z, const auto* t) {
+  auto lanes = [&](int64_t r0) {
+    LaneBlock<scalar_t> block(p, ctx, r0);
+    SplitLse<acc_t> split[LaneBlock<scalar_t>::K];
+    for (int l = 0; l < LaneBlock<scalar_t>::K; ++l) split[l] = split_lse<acc_t>(lse[r0 + l]);
+    const int64_t o = r0 / p.inner, i0 = r0 % p.inner;
+    block.gradient(g + r0, split, dx + o * ds.outer + i0, ds.cls, stream);
+  };
+  for_each_position<scalar_t>(p, use_lanes<scalar_t>(p, &ds), [&](int64_t r, RowKind kind, int64_t y, const auto* z, const auto* t) {
     const int64_t o = r / p.inner, i = r % p.inner;
     scalar_t* dr = dx + o * ds.outer + i * ds.inner;
     if (kind != RowKind::Valid) {
@@ -323,7 +506,7 @@ void launch_backward(const CrossEntropyProblem& p, const at::Tensor& g_t, const 
     grad.resize(C);
     row_grad(z, t, y, x_target, g[r], split, ctx, grad.data());
     scatter(grad.data(), C, dr, ds.cls);
-  });
+  }, lanes);
 }
 
 template <typename Launch>
