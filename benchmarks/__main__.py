@@ -17,6 +17,7 @@ import torch
 
 from . import cases as case_defs
 from .harness import copy_bandwidth, machine, peak_extra_memory, time_fn
+from .training import print_training_table, run_training_cases
 
 PRESETS = {
     # softmax shapes, cross-entropy shapes, dtypes, warmup, reps
@@ -112,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         r["alchemy_speedup"] = r["median_ms"] / ours["median_ms"]
     _print_table(rows)
+    steps = [] if args.ops else run_training_cases(args.preset, args.device, warmup, reps)
+    print_training_table(steps)
     # Runs with and without PyTorch's huge-page allocations are kept apart: they differ a lot here.
     suffix = "-thp" if info["THP_MEM_ALLOC_ENABLE"] == "1" else ""
     out = args.output or RESULTS / f"{args.preset}{suffix}.json"
@@ -124,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                 "preset": args.preset,
                 "seconds": time.perf_counter() - started,
                 "results": rows,
+                "training_steps": steps,
             },
             indent=1,
         )

@@ -80,10 +80,20 @@ def _inplace_runner(fn: Callable[[torch.Tensor], torch.Tensor]):
     return run
 
 
+def _liger_cross_entropy():
+    """Liger-Kernel's fused cross-entropy (Triton, GPU only), when it is installed."""
+    try:
+        from liger_kernel.transformers import LigerCrossEntropyLoss
+    except ImportError:
+        return None
+    return LigerCrossEntropyLoss()
+
+
 def cross_entropy_cases(shapes, dtypes, device: str, compile_baseline: bool) -> list[Case]:
     """``F.cross_entropy`` with class-index targets; (N, C, d...) shapes have the class dim at 1.
     Bytes that must move: forward reads the logits once; backward reads them and writes the gradient."""
     cases = []
+    liger = _liger_cross_entropy() if device == "cuda" else None
     for shape in shapes:
         positions = shape[:1] + shape[2:]
         target = torch.randint(0, shape[1], positions, device=device, generator=torch.Generator().manual_seed(0))
@@ -106,5 +116,7 @@ def cross_entropy_cases(shapes, dtypes, device: str, compile_baseline: bool) -> 
                 case.providers["torch eager"] = _runner(theirs, backward, None)
                 if compile_baseline:
                     case.providers["torch.compile"] = _runner(torch.compile(theirs, dynamic=False), backward, None)
+                if liger is not None and len(shape) == 2:  # Liger takes (N, C) logits only
+                    case.providers["liger"] = _runner(lambda t, target=target: liger(t, target), backward, None)
                 cases.append(case)
     return cases

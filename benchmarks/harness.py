@@ -45,7 +45,7 @@ def time_fn(fn: Callable[[], object], device: str, warmup: int, reps: int, min_s
         _sync(device)
         walls.append(time.perf_counter() - t0)
     cpu = time.process_time() - cpu0
-    q = statistics.quantiles(walls, n=5) if len(walls) >= 2 else [walls[0]] * 4
+    q = statistics.quantiles(walls, n=5, method="inclusive") if len(walls) >= 2 else [walls[0]] * 4
     return Timing(statistics.median(walls), q[0], q[3], cpu / reps, cpu / sum(walls))
 
 

@@ -16,3 +16,7 @@ def test_benchmark_suite_runs(tmp_path):
         assert r["median_ms"] > 0 and r["cpu_ms"] >= 0 and r["gb_per_s"] > 0 and r["peak_extra_mb"] >= 0
     assert data["machine"]["torch"] and data["copy_bandwidth_gb_s"] > 0
     assert out.with_suffix(".png").stat().st_size > 0
+    assert out.with_name("tiny-roofline.png").stat().st_size > 0
+    steps = data["training_steps"]
+    assert {s["provider"] for s in steps} == {"alchemy_ops", "torch"}
+    assert all(s["step_ms"] > 0 and 0 < s["loss_share"] for s in steps)
