@@ -40,6 +40,19 @@ def _runner(fn: Callable[[torch.Tensor], torch.Tensor], backward: bool, grad: to
     return run
 
 
+def _on_backend(name: str, run):
+    def on_backend(x: torch.Tensor):
+        with ao.backend(name):
+            return run(x)
+
+    return on_backend
+
+
+def _triton_provider(device: str) -> bool:
+    """alchemy_ops' Triton kernels are timed on a GPU; the CPU interpreter is no benchmark."""
+    return device == "cuda" and "triton" in ao.available_backends()
+
+
 def softmax_cases(shapes, dtypes, device: str, compile_baseline: bool) -> list[Case]:
     cases = []
     for op, ours, theirs in [
@@ -54,6 +67,8 @@ def softmax_cases(shapes, dtypes, device: str, compile_baseline: bool) -> list[C
                         op, "forward+backward" if backward else "forward", dtype, shape, passes=5 if backward else 2
                     )
                     case.providers["alchemy_ops"] = _runner(lambda t, f=ours: f(t, -1), backward, grad)
+                    if _triton_provider(device):
+                        case.providers["ao triton"] = _on_backend("triton", case.providers["alchemy_ops"])
                     case.providers["torch eager"] = _runner(theirs, backward, grad)
                     if compile_baseline:
                         case.providers["torch.compile"] = _runner(torch.compile(theirs, dynamic=False), backward, grad)
@@ -111,6 +126,8 @@ def cross_entropy_cases(shapes, dtypes, device: str, compile_baseline: bool) -> 
                     passes=3 if backward else 1,
                 )  # fmt: skip
                 case.providers["alchemy_ops"] = _runner(ours, backward, None)
+                if _triton_provider(device):
+                    case.providers["ao triton"] = _on_backend("triton", case.providers["alchemy_ops"])
                 if backward:
                     case.providers["ao inplace_bw"] = _inplace_runner(lambda t, f=ours: f(t, inplace_backward=True))
                 case.providers["torch eager"] = _runner(theirs, backward, None)

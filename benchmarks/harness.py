@@ -27,16 +27,27 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_fn(fn: Callable[[], object], device: str, warmup: int, reps: int, min_seconds: float = 0.3) -> Timing:
+def time_fn(
+    fn: Callable[[], object],
+    device: str,
+    warmup: int,
+    reps: int,
+    min_seconds: float = 0.3,
+    max_seconds: float = 8.0,
+) -> Timing:
     """Wall time per call (median, p20, p80) and the process CPU time over the same calls.
 
-    At least ``reps`` calls, more for fast calls so that about ``min_seconds`` is measured."""
+    ``reps`` calls, more for fast calls so that about ``min_seconds`` is measured, fewer (at least 3)
+    for calls so slow that ``reps`` of them would take over ``max_seconds``."""
     t0 = time.perf_counter()
-    for _ in range(max(warmup, 1)):
+    fn()
+    _sync(device)
+    per_call = time.perf_counter() - t0
+    for _ in range(warmup - 1 if per_call * reps < max_seconds else 0):
         fn()
     _sync(device)
-    per_call = (time.perf_counter() - t0) / max(warmup, 1)
     reps = min(max(reps, int(min_seconds / max(per_call, 1e-6))), 1000)
+    reps = max(3, min(reps, int(max_seconds / max(per_call, 1e-6))))
     walls = []
     cpu0 = time.process_time()
     for _ in range(reps):
