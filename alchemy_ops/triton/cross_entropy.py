@@ -6,19 +6,30 @@ stride, one row per position r = o * inner + i at ``o * outer_stride + i * inner
 (class dim 1 of [N, C, d...], or the single row of a 1-d [C] input). One program per row;
 rows longer than BLOCK are looped over.
 
-- forward: one online pass for lse = max + log(sum exp(z - max)) (shifting by 0 while the
-  running max is -inf; NaN when the row max is NaN or +-inf), fused with the sums the loss
-  needs (sum_c w_c z_c under label smoothing; T = sum_c w_c t'_c and S = sum_c w_c t'_c z_c
-  for probability targets), and one load of the target logit for class indices.
+- forward: one online pass for the row statistics max and log_sum = log(sum exp(z - max))
+  (shifting by 0 while the running max is -inf; both NaN when the row max is NaN or +-inf;
+  the terms at the max, exactly 1, counted apart from the others and log_sum taken as
+  log1p, so that log_sum is fp32-accurate however small it is),
+  fused with T = sum_c w_c t'_c for probability targets and, in place, the target logit.
+  The loss is formed from shifted values, never as lse - z (see cross_entropy.h, Precision):
+  (1 - eps) w_y (log_sum - (z_y - max)) + eps / C (W log_sum - sum_c w_c (z_c - max)) for
+  class indices, T log_sum - sum_c w_c t'_c (z_c - max) for probabilities, plus
+  z_loss * (max + log_sum)^2. The shifted sums need the final max: a second walk over the
+  row (still in cache), fused into the gradient walk when in place.
+- lse: saved as fp64, float64(max) + float64(log_sum), whatever the input dtype (0 at
+  ignored positions, NaN at bad ones). The gradient splits it per row into
+  hi = acc(lse), lo = acc(lse - hi) and uses p_c = exp((z_c - hi) - lo): fp32-accurate for
+  logits of any size, where an fp32 lse near 1e4 would be off by ~5e-4.
 - in place: the same program then walks its row again, reading x and overwriting it with
   grad_scale[r] * d loss / d x (the target logit is then picked up in the first pass, so
-  every read of the row is ordered before the writes through lse).
-- backward: recomputes p_c = exp(z_c - lse) from the saved fp32 lse (a first pass over the
-  target row recomputes T for probability targets).
+  every read of the row is ordered before the writes through lse). It splits the lse it
+  has just stored, so its gradient is bit for bit that of backward.
+- backward: recomputes p_c from the saved fp64 lse (a first pass over the target row
+  recomputes T for probability targets).
 
-Everything is accumulated in fp32 (fp64 for fp64 logits) and rounded once at the store. The
-float arguments go to the kernels as a tensor in the accumulation dtype (Python floats are
-passed as fp32, too coarse for fp64 rows); see ``_params``.
+Everything else is accumulated in fp32 (fp64 for fp64 logits) and rounded once at the
+store. The float arguments go to the kernels as a tensor in the accumulation dtype (Python
+floats are passed as fp32, too coarse for fp64 rows); see ``_Problem.params``.
 """
 
 from __future__ import annotations
@@ -96,34 +107,65 @@ def _tanh(u, LIBDEVICE: tl.constexpr):
 
 
 @triton.jit
+def _log1p(u, LIBDEVICE: tl.constexpr):
+    if LIBDEVICE:
+        r = libdevice.log1p(u)
+    else:
+        # The interpreter has no libdevice: log1p(u) = log(w) * u / (w - 1) with w = 1 + u
+        # (Kahan), accurate to a few ulp with a correctly rounded log; u when w rounds to 1.
+        w = 1.0 + u
+        r = tl.where(w == 1.0, u, tl.log(w) * (u / (w - 1.0)))
+    return r
+
+
+@triton.jit
+def _split_lse(lse, like):
+    """The fp64 saved lse as hi + lo in the accumulation dtype (that of ``like``; lo = 0 for
+    fp64): z - hi is exact for z near hi, then lo corrects (split_lse in cross_entropy.h)."""
+    hi = lse.to(like.dtype)
+    lo = (lse - hi.to(tl.float64)).to(like.dtype)
+    return hi, lo
+
+
+@triton.jit
 def _grad_pass(
     x_row, xs_cls, dx_row, dxs_cls, t_row, ts_cls, w_ptr, classes,
-    g, lse, a, y, w_y, eps, eps_c, softcap, bad,
-    SOFT: tl.constexpr, HAS_WEIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+    g, hi, lo, a, y, w_y, eps, eps_c, softcap, bad, row_max,
+    SOFT: tl.constexpr, HAS_WEIGHT: tl.constexpr, SOFTCAP: tl.constexpr, SHIFTED_SUM: tl.constexpr,
     LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
-    """dx_c = g * (a * p_c - b_c) * dz/dx over one row; ``bad`` (a row-wide 0-d value) is
-    0 for a good row, NaN for an out-of-range class index, and selects 0 for ignore_index
-    when it is +inf (see the callers)."""
+    """dx_c = g * (a * p_c - b_c) * dz/dx over one row, p_c = exp((z_c - hi) - lo); ``bad``
+    (a row-wide 0-d value) is 0 for a good row, NaN for an out-of-range class index, and
+    selects 0 for ignore_index when it is +inf (see the callers).
+
+    With SHIFTED_SUM (the in-place forward) it also returns the shifted sum the loss needs,
+    from the same loads: sum_c w_c t'_c (z_c - row_max) for probabilities, sum_c w_c
+    (z_c - row_max) for class indices (0 otherwise)."""
+    shifted = tl.zeros((), hi.dtype)
     for start in range(0, classes, BLOCK):
         cols = _cols(start, BLOCK, WIDE)
         mask = cols < classes
-        x = tl.load(x_row + cols * xs_cls, mask=mask, other=0.0).to(lse.dtype)
+        x = tl.load(x_row + cols * xs_cls, mask=mask, other=0.0).to(hi.dtype)
         if SOFTCAP:
             th = _tanh(x / softcap, LIBDEVICE)
             z = softcap * th
         else:
             z = x
-        p = tl.exp(z - lse)
+        p = tl.exp((z - hi) - lo)
         if HAS_WEIGHT:
             w = tl.load(w_ptr + cols, mask=mask, other=0.0)
         else:
-            w = tl.full((BLOCK,), 1.0, lse.dtype)
+            w = tl.full((BLOCK,), 1.0, hi.dtype)
         if SOFT:
-            t = tl.load(t_row + cols * ts_cls, mask=mask, other=0.0).to(lse.dtype)
-            d = a * p - w * ((1.0 - eps) * t + eps_c)
+            t = tl.load(t_row + cols * ts_cls, mask=mask, other=0.0).to(hi.dtype)
+            wt = w * ((1.0 - eps) * t + eps_c)
+            d = a * p - wt
+            if SHIFTED_SUM:
+                shifted += tl.sum(tl.where(mask, wt * (z - row_max), 0.0), 0)
         else:
             d = a * p - eps_c * w - tl.where(cols == y, (1.0 - eps) * w_y, 0.0)
+            if SHIFTED_SUM:
+                shifted += tl.sum(tl.where(mask, w * (z - row_max), 0.0), 0)
         d = g * d
         if SOFTCAP:
             d = d * (1.0 - th * th)
@@ -131,6 +173,7 @@ def _grad_pass(
             # bad: 0 (good row), NaN (class index out of range), +inf (ignore_index -> 0).
             d = tl.where(bad == float("inf"), 0.0, d + bad)
         tl.store(dx_row + cols * dxs_cls, d.to(dx_row.dtype.element_ty), mask=mask)
+    return shifted
 
 
 @triton.jit
@@ -153,9 +196,12 @@ def _ce_forward_kernel(
     y = 0
     if not SOFT:
         y = tl.load(t_ptr + row)
+    # sum_c exp(z_c - max) = ties + small: the terms at the max are exactly 1 and counted
+    # apart, so the small terms are not absorbed into them (log_sum of a confident row, e.g.
+    # 63 e^-18 next to one 1, keeps fp32 relative accuracy; see log_sum below).
     row_max = tl.full((), float("-inf"), eps.dtype)
-    row_sum = tl.zeros((), eps.dtype)
-    dot = tl.zeros((), eps.dtype)  # sum w_c z_c (class index, smoothing) or S (probabilities)
+    row_small = tl.zeros((), eps.dtype)
+    row_ties = tl.zeros((), eps.dtype)
     mass = tl.zeros((), eps.dtype)  # T (probabilities)
     z_y = tl.zeros((), eps.dtype)  # the target logit, gathered in this pass when in place
     for start in range(0, classes, BLOCK):
@@ -169,19 +215,20 @@ def _ce_forward_kernel(
         new_max = tl.maximum(row_max, tl.max(z, 0))
         # exp(-inf - -inf) would be NaN: while the max is -inf the sum is 0, shift by 0.
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        row_sum = row_sum * tl.exp(row_max - shift) + tl.sum(tl.exp(z - shift), 0)
+        tie = z == shift  # at the max (none while the max is -inf: then z is -inf, shift 0)
+        block_small = tl.sum(tl.where(tie, 0.0, tl.exp(z - shift)), 0)
+        # A new max turns the old ties into small terms; NaN (a NaN logit) propagates.
+        kept = new_max == row_max
+        row_small = tl.where(kept, row_small, (row_ties + row_small) * tl.exp(row_max - shift)) + block_small
+        row_ties = tl.where(kept, row_ties, 0.0) + tl.sum(tie.to(eps.dtype), 0)
         row_max = new_max
-        if HAS_WEIGHT:
-            w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-        else:
-            w = tl.full((BLOCK,), 1.0, eps.dtype)
         if SOFT:
+            if HAS_WEIGHT:
+                w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+            else:
+                w = tl.full((BLOCK,), 1.0, eps.dtype)
             t = tl.load(t_row + cols * ts_cls, mask=mask, other=0.0).to(eps.dtype)
-            wt = tl.where(mask, w * ((1.0 - eps) * t + eps_c), 0.0)
-            mass += tl.sum(wt, 0)
-            dot += tl.sum(tl.where(mask, wt * z, 0.0), 0)
-        elif SMOOTH:
-            dot += tl.sum(tl.where(mask, w * z, 0.0), 0)
+            mass += tl.sum(tl.where(mask, w * ((1.0 - eps) * t + eps_c), 0.0), 0)
         if INPLACE and not SOFT:
             # Not a separate load after this pass: nothing would order it before the other
             # threads' gradient stores to the same row. Values loaded here feed lse, which
@@ -189,13 +236,18 @@ def _ce_forward_kernel(
             z_y += tl.sum(tl.where(cols == y, z, 0.0), 0)
     # NaN when the row max is NaN or +-inf (a fully -inf row included), as PyTorch's log_softmax.
     finite = (row_max > float("-inf")) & (row_max < float("inf"))
-    lse = tl.where(finite, row_max + tl.log(row_sum), float("nan"))
+    row_max = tl.where(finite, row_max, float("nan"))
+    # log(ties + small) as log1p((ties - 1) + small): ties >= 1 for a finite max.
+    log_sum = tl.where(finite, _log1p((row_ties - 1.0) + row_small, LIBDEVICE), float("nan"))
+    lse_acc = row_max + log_sum  # only for the z-loss term of the loss
+    lse = row_max.to(tl.float64) + log_sum.to(tl.float64)  # the saved lse: unrounded
 
     w_y = tl.zeros((), eps.dtype)
     bad = tl.zeros((), eps.dtype)
+    ignored = False
+    valid = True
     if SOFT:
-        loss = mass * lse - dot + z_loss * lse * lse
-        a = mass + 2.0 * z_loss * lse
+        target_mass = mass
     else:
         ignored = y == ignore_index
         valid = (y >= 0) & (y < classes)
@@ -210,25 +262,53 @@ def _ce_forward_kernel(
             w_y = tl.load(w_ptr + y_safe)
         else:
             w_y = tl.full((), 1.0, eps.dtype)
-        loss = (1.0 - eps) * w_y * (lse - z_y)
-        if SMOOTH:
-            loss += eps_c * (w_sum * lse - dot)
-        loss += z_loss * lse * lse
-        loss = tl.where(ignored, 0.0, tl.where(valid, loss, float("nan")))
+        target_mass = (1.0 - eps) * w_y + eps_c * w_sum
         # As the CPU kernel: an ignored position has lse 0 (never read), a bad one NaN.
-        lse = tl.where(ignored, 0.0, tl.where(valid, lse, float("nan")))
-        a = (1.0 - eps) * w_y + eps_c * w_sum + 2.0 * z_loss * lse
+        lse = tl.where(ignored, 0.0, tl.where(valid, lse, float("nan"))).to(tl.float64)
         bad = tl.where(ignored, float("inf"), tl.where(valid, 0.0, float("nan"))).to(eps.dtype)
-    tl.store(loss_ptr + row, loss)
     tl.store(lse_ptr + row, lse)
 
+    # The shifted sum of the loss: sum_c w_c t'_c (z_c - max) (probabilities) or
+    # sum_c w_c (z_c - max) (class indices with smoothing), read after the max is final.
+    shifted = tl.zeros((), eps.dtype)
     if INPLACE:
+        hi, lo = _split_lse(lse, eps)  # as backward: the same gradient, bit for bit
         g = tl.load(scale_ptr + row)
-        _grad_pass(
+        a = target_mass + 2.0 * z_loss * (hi + lo)
+        shifted = _grad_pass(
             x_row, xs_cls, x_row, xs_cls, t_row, ts_cls, w_ptr, classes,
-            g, lse, a, y, w_y, eps, eps_c, softcap, bad,
-            SOFT, HAS_WEIGHT, SOFTCAP, LIBDEVICE, BLOCK, WIDE,
+            g, hi, lo, a, y, w_y, eps, eps_c, softcap, bad, row_max,
+            SOFT, HAS_WEIGHT, SOFTCAP, SOFT or SMOOTH, LIBDEVICE, BLOCK, WIDE,
         )  # fmt: skip
+    elif SOFT or SMOOTH:
+        for start in range(0, classes, BLOCK):
+            cols = _cols(start, BLOCK, WIDE)
+            mask = cols < classes
+            x = tl.load(x_row + cols * xs_cls, mask=mask, other=0.0).to(eps.dtype)
+            if SOFTCAP:
+                z = softcap * _tanh(x / softcap, LIBDEVICE)
+            else:
+                z = x
+            if HAS_WEIGHT:
+                w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+            else:
+                w = tl.full((BLOCK,), 1.0, eps.dtype)
+            if SOFT:
+                t = tl.load(t_row + cols * ts_cls, mask=mask, other=0.0).to(eps.dtype)
+                w = w * ((1.0 - eps) * t + eps_c)
+            # Per element, as PyTorch: a -inf logit gives +inf with w t' > 0, NaN with 0.
+            shifted += tl.sum(tl.where(mask, w * (z - row_max), 0.0), 0)
+
+    if SOFT:
+        loss = mass * log_sum - shifted
+    else:
+        loss = (1.0 - eps) * w_y * (log_sum - (z_y - row_max))
+        if SMOOTH:
+            loss += eps_c * (w_sum * log_sum - shifted)
+    loss += z_loss * lse_acc * lse_acc
+    if not SOFT:
+        loss = tl.where(ignored, 0.0, tl.where(valid, loss, float("nan")))
+    tl.store(loss_ptr + row, loss)
 
 
 @triton.jit
@@ -249,7 +329,7 @@ def _ce_backward_kernel(
     w_sum = tl.load(par_ptr + 3)
     eps_c = eps / classes
     g = tl.load(g_ptr + row)
-    lse = tl.load(lse_ptr + row)
+    hi, lo = _split_lse(tl.load(lse_ptr + row), eps)
 
     y = 0
     w_y = tl.zeros((), eps.dtype)
@@ -265,7 +345,7 @@ def _ce_backward_kernel(
             else:
                 w = tl.full((BLOCK,), 1.0, eps.dtype)
             mass += tl.sum(tl.where(mask, w * ((1.0 - eps) * t + eps_c), 0.0), 0)
-        a = mass + 2.0 * z_loss * lse
+        a = mass + 2.0 * z_loss * (hi + lo)
     else:
         y = tl.load(t_ptr + row)
         ignored = y == ignore_index
@@ -274,12 +354,12 @@ def _ce_backward_kernel(
             w_y = tl.load(w_ptr + tl.where(valid, y, 0))
         else:
             w_y = tl.full((), 1.0, eps.dtype)
-        a = (1.0 - eps) * w_y + eps_c * w_sum + 2.0 * z_loss * lse
+        a = (1.0 - eps) * w_y + eps_c * w_sum + 2.0 * z_loss * (hi + lo)
         bad = tl.where(ignored, float("inf"), tl.where(valid, 0.0, float("nan"))).to(eps.dtype)
     _grad_pass(
         x_row, xs_cls, dx_row, dxs_cls, t_row, ts_cls, w_ptr, classes,
-        g, lse, a, y, w_y, eps, eps_c, softcap, bad,
-        SOFT, HAS_WEIGHT, SOFTCAP, LIBDEVICE, BLOCK, WIDE,
+        g, hi, lo, a, y, w_y, eps, eps_c, softcap, bad, hi,
+        SOFT, HAS_WEIGHT, SOFTCAP, False, LIBDEVICE, BLOCK, WIDE,
     )  # fmt: skip
 
 
@@ -411,7 +491,8 @@ def _forward(p: _Problem, input: torch.Tensor, check_target: bool, grad_scale: t
     if check_target and not p.soft and p.rows > 0:
         p.check_targets()
     loss = torch.empty(p.rows, dtype=p.acc, device=p.x.device)
-    lse = torch.empty(p.rows, dtype=p.acc, device=p.x.device)
+    # fp64 whatever the input: max + log_sum unrounded, for an exact backward.
+    lse = torch.empty(p.rows, dtype=torch.float64, device=p.x.device)
     if p.rows > 0:
         scale = p.params  # dummy, never read
         if grad_scale is not None:
@@ -481,7 +562,7 @@ def _cross_entropy_backward(
     if dx.numel() == 0:
         return dx
     g = grad_loss.to(p.acc).reshape(-1).contiguous()
-    l = lse.to(p.acc).reshape(-1).contiguous()  # noqa: E741
+    l = (lse if lse.dtype == torch.float64 else lse.double()).reshape(-1).contiguous()  # noqa: E741
     out = _as_batch(dx)
     view = _class_dim_view(out)
     packed = out if view is not None else torch.empty_like(p.x, memory_format=torch.contiguous_format)
