@@ -73,7 +73,7 @@ SHAPES = [
     ((3, 4500), "contiguous"),
     ((2, 5, 3, 4), "contiguous"),
     ((3, 7, 5), "contiguous"),
-    ((2, 5, 4, 9), "contiguous"),  # 36 positions per sample: CPU lanes of 16 (8 for fp64) and a remainder
+    ((2, 5, 2, 9), "contiguous"),  # 18 positions per sample: CPU lanes of 16 (8 for fp64) and a remainder
     ((6, 37), "transposed"),
     ((6, 37), "sliced"),
     ((2, 5, 3, 4), "permuted"),
