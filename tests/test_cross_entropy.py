@@ -479,6 +479,15 @@ def test_bad_input_raises_clearly(backend, name, args, kwargs, error, match):
         ao.cross_entropy(*args, **kwargs)
 
 
+def test_inplace_backward_of_an_expanded_input_is_refused(backend):
+    """Positions that share their logits' memory would race writing their gradients."""
+    if backend == "reference":
+        pytest.skip("the reference backend computes out of place")
+    x = _logits((1, 40)).expand(4, 40).requires_grad_()
+    with pytest.raises((RuntimeError, ValueError), match="share memory"):
+        ao.cross_entropy(x, torch.ones(4, dtype=torch.long), inplace_backward=True)
+
+
 def test_ops_reject_bad_arguments_directly():
     """The operators check too (they are public through torch.ops): no crash, no silent result."""
     x, t = _logits((4, 5)), torch.tensor([0, 1, 2, 3])

@@ -145,7 +145,8 @@ def _grad_pass(
     for start in range(0, classes, BLOCK):
         cols = _cols(start, BLOCK, WIDE)
         mask = cols < classes
-        x = tl.load(x_row + cols * xs_cls, mask=mask, other=0.0).to(hi.dtype)
+        # Ignored and bad rows: d does not depend on x, which is not read (a limit of 0 classes).
+        x = tl.load(x_row + cols * xs_cls, mask=cols < tl.where(bad == 0, classes, 0), other=0.0).to(hi.dtype)
         if SOFTCAP:
             th = _tanh(x / softcap, LIBDEVICE)
             z = softcap * th
@@ -196,6 +197,7 @@ def _ce_forward_kernel(
     y = 0
     if not SOFT:
         y = tl.load(t_ptr + row)
+        live = (y != ignore_index) & (y >= 0) & (y < classes)  # the row is not read otherwise
     # sum_c exp(z_c - max) = ties + small: the terms at the max are exactly 1 and counted
     # apart, so the small terms are not absorbed into them (log_sum of a confident row, e.g.
     # 63 e^-18 next to one 1, keeps fp32 relative accuracy; see log_sum below).
@@ -207,7 +209,10 @@ def _ce_forward_kernel(
     for start in range(0, classes, BLOCK):
         cols = _cols(start, BLOCK, WIDE)
         mask = cols < classes
-        x = tl.load(x_row + cols * xs_cls, mask=mask, other=float("-inf")).to(eps.dtype)
+        x_mask = mask
+        if not SOFT:
+            x_mask = mask & live
+        x = tl.load(x_row + cols * xs_cls, mask=x_mask, other=float("-inf")).to(eps.dtype)
         if SOFTCAP:
             z = tl.where(mask, softcap * _tanh(x / softcap, LIBDEVICE), float("-inf"))
         else:
@@ -284,7 +289,10 @@ def _ce_forward_kernel(
         for start in range(0, classes, BLOCK):
             cols = _cols(start, BLOCK, WIDE)
             mask = cols < classes
-            x = tl.load(x_row + cols * xs_cls, mask=mask, other=0.0).to(eps.dtype)
+            x_mask = mask
+            if not SOFT:
+                x_mask = mask & live
+            x = tl.load(x_row + cols * xs_cls, mask=x_mask, other=0.0).to(eps.dtype)
             if SOFTCAP:
                 z = softcap * _tanh(x / softcap, LIBDEVICE)
             else:

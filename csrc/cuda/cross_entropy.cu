@@ -2,12 +2,12 @@
 //
 // One body per direction, three shapes of it, picked by kThreads (threads per position):
 //   32  (warp per position, 4 positions per block) for unit class stride, 16 < C <= 1024;
-//   512 (block per position, class loop) for unit class stride, longer rows;
+//   512 (256 for fp64; block per position, class loop) for unit class stride, longer rows;
 //   1   (thread per position, class loop) for any other layout, e.g. dim 1 of NCHW, and
 //       for C <= 16: adjacent threads on adjacent positions, so the loads coalesce.
 // With unit class stride and 16-byte aligned rows, loads and stores are 16-byte packs
 // (a runtime flag, not a template parameter). Forward reads the row once for the
-// online statistics and, in the same pass, the label-smoothing sum sum_c w_c z_c or the
+// online statistics and, in the same pass, the label-smoothing sum sum_c w_c (z_c - z_0) or the
 // probability-target sums; the in-place variant then writes the gradient over the row
 // while it is still in cache. Backward reads the row (and a probability target twice)
 // and writes the gradient once. Reductions are fixed-order shuffle / shared-memory
@@ -111,7 +111,9 @@ __device__ __forceinline__ Partial<acc_t> warp_reduce(Partial<acc_t> v, bool sum
   for (int off = kWarp / 2; off > 0; off /= 2) {
     const SoftmaxStats<acc_t> other{__shfl_xor_sync(0xffffffffu, v.st.max, off),
                                     __shfl_xor_sync(0xffffffffu, v.st.sum, off)};
-    v.st = merge(v.st, other, acc_t(1));
+    // Both partners compute merge(lower lane, upper lane): a * ra + b * rb contracts to an fma
+    // that is not symmetric in a and b, and every lane must end with the same sum.
+    v.st = (threadIdx.x & off) ? merge(other, v.st, acc_t(1)) : merge(v.st, other, acc_t(1));
     if (sums) {
       v.s1 += __shfl_xor_sync(0xffffffffu, v.s1, off);
       v.s2 += __shfl_xor_sync(0xffffffffu, v.s2, off);
@@ -232,8 +234,11 @@ __device__ __forceinline__ void gradient_pass(const Args<scalar_t>& a, const sca
       } else {
         b = smooth ? smoothing_grad_term(weight_at(a.weight, k), cfg) : acc_t(0);
       }
-      const acc_t z = capped_logit(v[j], cfg.softcap);
-      v[j] = g * (coef * prob_from_lse(z, lse) - b) * capped_logit_grad(v[j], cfg.softcap);
+      // One tanh for both the capped logit and its derivative.
+      const bool capped = cfg.softcap > acc_t(0);
+      const acc_t th = capped ? tanh_acc(v[j] / cfg.softcap) : acc_t(0);
+      const acc_t z = capped ? cfg.softcap * th : v[j];
+      v[j] = g * (coef * prob_from_lse(z, lse) - b) * (capped ? acc_t(1) - th * th : acc_t(1));
     }
     store_chunk<N>(dr, c, dcls, v);
   });
@@ -317,7 +322,7 @@ __device__ __forceinline__ void forward_position(const Args<scalar_t>& a, acc_ty
   }
   if (gr == nullptr) return;
   const acc_t mass = soft ? part.s1 : class_target_mass(w_y, cfg);
-  gradient_pass<kThreads, kPack>(a, xr, tr, y, w_y, mass, grad_scale[r], SplitLse<acc_t>{l.max, l.log_sum}, gr,
+  gradient_pass<kThreads, kPack>(a, xr, tr, y, w_y, mass, grad_scale[r], split_lse<acc_t>(saved_lse(l)), gr,
                                  a.xs.cls);
 }
 
@@ -364,7 +369,7 @@ __device__ __forceinline__ void backward_position(const Args<scalar_t>& a,
   gradient_pass<kThreads, kPack>(a, xr, tr, y, w_y, mass, grad_loss[r], split_lse<acc_t>(lse_in[r]), dr, ds.cls);
 }
 
-// The kernels. Only the 512-thread shape needs launch bounds (<= 128 registers); the others
+// The kernels. Only the block shape needs launch bounds (<= 128 registers at 512 threads); the others
 // go without, because given a block size ptxas may spill to reach the next occupancy step.
 template <int kThreads, typename scalar_t>
 __global__ void cross_entropy_forward_kernel(Args<scalar_t> a, acc_type<scalar_t>* __restrict__ loss,

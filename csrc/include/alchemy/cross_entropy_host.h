@@ -3,6 +3,7 @@
 // registrations: argument checks, the in-place [N, C, inner] view of the logits
 // (class dim 1, no permute copy), the target check, output allocation, and the
 // contiguous fallback for views that do not collapse.
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -150,6 +151,14 @@ template <typename Check, typename Forward>
 std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_host(const at::Tensor& input, const CrossEntropyProblem& p,
                                                               bool check_target, const at::Tensor* grad_scale,
                                                               const Check& check, const Forward& forward) {
+  if (grad_scale != nullptr) {
+    // Each position rewrites its own row: rows that share memory would race.
+    TORCH_CHECK(at::has_internal_overlap(input) != at::MemOverlap::Yes,
+                "alchemy_ops: cross_entropy_forward_inplace: input has elements that share memory (e.g. an "
+                "expanded tensor); pass a tensor that owns its logits, e.g. input.clone()");
+    TORCH_CHECK(grad_scale->device() == input.device(), "alchemy_ops: grad_scale is on ", grad_scale->device(),
+                " but input on ", input.device());
+  }
   // Checked before anything is written: a bad target must not cost the in-place caller its logits.
   if (check_target && !p.soft && p.rows() > 0) check(p);
   // lse is fp64 whatever the input: see saved_lse in cross_entropy.h.
@@ -171,6 +180,8 @@ at::Tensor cross_entropy_backward_host(const CrossEntropyProblem& p, const at::T
                                        const at::Tensor& lse, const Prepare& prepare, const Backward& backward) {
   TORCH_CHECK(grad_loss.numel() == p.rows() && lse.numel() == p.rows(),
               "alchemy_ops: grad_loss and lse must have one value per position");
+  TORCH_CHECK(grad_loss.device() == input.device() && lse.device() == input.device(),
+              "alchemy_ops: grad_loss and lse must be on the input's device (", input.device(), ")");
   at::Tensor dx = at::empty_like(input);
   if (dx.numel() == 0) return dx;
   prepare(dx);
