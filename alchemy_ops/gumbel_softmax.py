@@ -113,6 +113,7 @@ def _gumbel_setup_context(ctx, inputs, output):
     ctx.save_for_backward(y_soft if hard else y)
     ctx.args = (tau, dim)
     ctx.missing_soft = hard and not keep_soft
+    ctx.set_materialize_grads(False)  # no logits-sized zeros for the unused output's gradient
 
 
 def _register_gumbel(forward: str, softmax_backward: str) -> None:
@@ -128,8 +129,10 @@ def _register_gumbel(forward: str, softmax_backward: str) -> None:
         (soft,) = ctx.saved_tensors
         tau, dim = ctx.args
         # Straight-through: y and y_soft share the soft sample's Jacobian.
-        if grad_soft is not None and grad_soft.shape == grad_y.shape:
-            grad_y = grad_y + grad_soft
+        if grad_soft is not None and grad_soft.shape == soft.shape:
+            grad_y = grad_soft if grad_y is None else grad_y + grad_soft
+        if grad_y is None:
+            return None, None, None, None, None, None, None
         return backward_op(grad_y, soft, dim, tau, False), None, None, None, None, None, None
 
     torch.library.register_autograd(forward, grad, setup_context=_gumbel_setup_context)
@@ -137,3 +140,11 @@ def _register_gumbel(forward: str, softmax_backward: str) -> None:
 
 _register_gumbel("alchemy_ops::gumbel_softmax_forward", "alchemy_ops::softmax_backward")
 _register_gumbel("alchemy_ops::triton_gumbel_softmax_forward", "alchemy_ops::triton_softmax_backward")
+
+
+def _philox_uniform_fake(seed, offset, numel):
+    return seed.new_empty((numel,), dtype=torch.float32)
+
+
+torch.library.register_fake("alchemy_ops::philox_uniform", _philox_uniform_fake)
+torch.library.register_fake("alchemy_ops::triton_philox_uniform", _philox_uniform_fake)

@@ -38,6 +38,10 @@ TORCH_LIBRARY(alchemy_ops, m) {
   // keep_soft (what the straight-through backward needs), else empty [0]. No backward op: the
   // gradient is softmax_backward(grad, soft sample, dim, tau, log=False).
   m.def("gumbel_softmax_forward(Tensor logits, Tensor seed, int offset, float tau, bool hard, bool keep_soft, int dim) -> (Tensor, Tensor)");
+  // The uniforms u of that stream, float32 [numel], u[k] = tl.rand(seed, offset + k) bit for bit
+  // (before the clamp): what the tests compare across backends.
+  m.def("philox_uniform(Tensor seed, int offset, int numel) -> Tensor");
+  m.def("triton_philox_uniform(Tensor seed, int offset, int numel) -> Tensor");
   m.def("triton_gumbel_softmax_forward(Tensor logits, Tensor seed, int offset, float tau, bool hard, bool keep_soft, int dim) -> (Tensor, Tensor)");
 }
 

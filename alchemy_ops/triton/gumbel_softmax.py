@@ -108,3 +108,19 @@ def _gumbel_softmax_forward(
             HARD=hard, KEEP_SOFT=keep, BLOCK=_block(classes),
         )  # fmt: skip
     return y, soft
+
+
+@triton.jit
+def _philox_uniform_kernel(u_ptr, seed_ptr, offset, numel, BLOCK: tl.constexpr):
+    k = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(u_ptr + k, tl.rand(tl.load(seed_ptr), offset + k), mask=k < numel)
+
+
+@torch.library.register_kernel("alchemy_ops::triton_philox_uniform", ("cpu", "cuda"))
+def _philox_uniform(seed: torch.Tensor, offset: int, numel: int) -> torch.Tensor:
+    if seed.dtype != torch.int64 or seed.numel() != 1 or offset < 0 or numel < 0:
+        raise ValueError("alchemy_ops: seed must be a one-element int64 tensor; offset and numel >= 0")
+    u = torch.empty(numel, dtype=torch.float32, device=seed.device)
+    if numel > 0:
+        _philox_uniform_kernel[(triton.cdiv(numel, 1024),)](u, seed, offset, numel, BLOCK=1024)
+    return u

@@ -39,9 +39,8 @@ inline void mulhilo32(U32x16 a, uint32_t b, U32x16& hi, U32x16& lo) {
   lo.v = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
 }
 
-// Gumbel noise at counters offset + 0..15, as gumbel_noise() lane by lane (the logs are
-// Sleef's 1-ulp logf, so a lane may differ from the scalar std::log by an ulp).
-inline at::vec::Vectorized<float> gumbel16(PhiloxKey key, uint64_t offset) {
+// The uniforms at counters offset + 0..15, as uniform_from_bits(philox_bits()) lane by lane.
+inline __m512 uniform16(PhiloxKey key, uint64_t offset) {
   const __m512i base = _mm512_set1_epi32(int(uint32_t(offset)));
   const __m512i lo = _mm512_add_epi32(base, _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
   const __mmask16 carry = _mm512_cmplt_epu32_mask(lo, base);
@@ -50,7 +49,13 @@ inline at::vec::Vectorized<float> gumbel16(PhiloxKey key, uint64_t offset) {
   const __m512i bits = philox_word0<U32x16>({lo}, {hi}, key.k0, key.k1).v;
   // uniform_from_bits: x < 0 ? ~x : x is x ^ (x >> 31) (arithmetic shift).
   const __m512i x = _mm512_xor_si512(bits, _mm512_srai_epi32(bits, 31));
-  __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(x), _mm512_set1_ps(kUniformScale));
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(x), _mm512_set1_ps(kUniformScale));  // int32 -> float rounds to nearest
+}
+
+// Gumbel noise at counters offset + 0..15, as gumbel_noise() lane by lane (the logs are
+// Sleef's 1-ulp logf, so a lane may differ from the scalar std::log by an ulp).
+inline at::vec::Vectorized<float> gumbel16(PhiloxKey key, uint64_t offset) {
+  __m512 u = uniform16(key, offset);
   u = _mm512_min_ps(_mm512_max_ps(u, _mm512_set1_ps(kUniformMin)), _mm512_set1_ps(kUniformMax));
   const at::vec::Vectorized<float> neg_log_u = -at::vec::Vectorized<float>(u).log();
   return -neg_log_u.log();
@@ -211,8 +216,25 @@ std::tuple<at::Tensor, at::Tensor> gumbel_softmax_forward(const at::Tensor& logi
   return gumbel_softmax_forward_host(logits, seed, offset, tau, hard, keep_soft, dim, gumbel_launch);
 }
 
+at::Tensor philox_uniform(const at::Tensor& seed, int64_t offset, int64_t numel) {
+  const PhiloxKey key = philox_uniform_key(seed, offset, numel);
+  at::Tensor u = at::empty({numel}, seed.options().dtype(at::kFloat));
+  float* up = u.mutable_data_ptr<float>();
+  at::parallel_for(0, numel, 1 << 14, [&](int64_t begin, int64_t end) {
+    int64_t k = begin;
+#if defined(CPU_CAPABILITY_AVX512)
+    for (; k + kNoiseLanes <= end; k += kNoiseLanes) _mm512_storeu_ps(up + k, uniform16(key, uint64_t(offset + k)));
+#endif
+    for (; k < end; ++k) up[k] = uniform_from_bits(philox_bits(key, uint64_t(offset + k)));
+  });
+  return u;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(alchemy_ops, CPU, m) { m.impl("gumbel_softmax_forward", &gumbel_softmax_forward); }
+TORCH_LIBRARY_IMPL(alchemy_ops, CPU, m) {
+  m.impl("gumbel_softmax_forward", &gumbel_softmax_forward);
+  m.impl("philox_uniform", &philox_uniform);
+}
 
 }  // namespace alchemy::cpu

@@ -8,6 +8,7 @@
 
 #include <tuple>
 
+#include "philox.h"
 #include "softmax_host.h"
 
 namespace alchemy {
@@ -50,6 +51,14 @@ std::tuple<at::Tensor, at::Tensor> gumbel_softmax_forward_host(const at::Tensor&
   at::Tensor y_soft = (hard && keep_soft) ? at::empty(logits.sizes(), logits.options()) : at::empty({0}, logits.options());
   if (y.numel() > 0) launch(p, y, hard && keep_soft ? y_soft : at::Tensor(), inv_t, hard);
   return {y, y_soft};
+}
+
+// Checks of philox_uniform; the key of a seed tensor on the CPU (the CUDA kernel reads it on the device).
+inline PhiloxKey philox_uniform_key(const at::Tensor& seed, int64_t offset, int64_t numel) {
+  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1,
+              "alchemy_ops: seed must be a one-element int64 tensor");
+  TORCH_CHECK(offset >= 0 && numel >= 0, "alchemy_ops: offset and numel must be >= 0");
+  return seed.is_cpu() ? philox_key(static_cast<uint64_t>(seed.item<int64_t>())) : PhiloxKey{0, 0};
 }
 
 }  // namespace alchemy
