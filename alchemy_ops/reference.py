@@ -87,11 +87,11 @@ def _mulhilo32(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
     return s >> 16, ((s & 0xFFFF) << 16) | (t_lo & 0xFFFF)
 
 
-def philox_uniform(seed: int, counters: torch.Tensor) -> torch.Tensor:
+def philox_uniform(seed: int | torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
     """Triton's ``tl.rand(seed, counters)`` for int64 counters: the first word of Philox4x32-10 with
-    key (seed lo, seed hi) and counter (counter lo, counter hi, 0, 0), as a float32 in [0, 1)."""
-    seed &= (1 << 64) - 1
-    k0, k1 = seed & _MASK32, seed >> 32
+    key (seed lo, seed hi) and counter (counter lo, counter hi, 0, 0), as a float32 in [0, 1).
+    ``seed``: an int, or an int64 tensor (no host sync, so torch.compile can trace it)."""
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
     c0, c1 = counters & _MASK32, (counters >> 32) & _MASK32
     c2 = c3 = torch.zeros_like(c0)
     for _ in range(10):
@@ -104,7 +104,7 @@ def philox_uniform(seed: int, counters: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
 
 
-def gumbel_noise(seed: int, offset: int, shape: tuple[int, ...], device) -> torch.Tensor:
+def gumbel_noise(seed: int | torch.Tensor, offset: int, shape: tuple[int, ...], device) -> torch.Tensor:
     """fp32 Gumbel noise -log(-log(u)) of every element, u clamped into [2^-32, 1 - 2^-24]."""
     n = math.prod(shape)
     u = philox_uniform(seed, torch.arange(offset, offset + n, dtype=torch.int64, device=device))
@@ -118,7 +118,7 @@ def gumbel_softmax(
     """softmax((logits + g - max) / tau) with the kernels' noise; hard: one-hot at the first argmax of
     logits + g, straight-through. Contiguous, in the logits' dtype."""
     acc = acc_dtype(logits.dtype)
-    z = logits.to(acc) + gumbel_noise(int(seed), offset, tuple(logits.shape), logits.device).to(acc)
+    z = logits.to(acc) + gumbel_noise(seed.reshape(()), offset, tuple(logits.shape), logits.device).to(acc)
     z = z.contiguous()
     m = z.amax(dim, keepdim=True) if z.dim() else z
     soft = torch.softmax((z - m) / tau, dim if z.dim() else 0).to(logits.dtype)
