@@ -8,5 +8,14 @@ from .cross_entropy import cross_entropy
 from .gumbel_softmax import gumbel_softmax
 from .softmax import log_softmax, softmax
 
-__all__ = ["available_backends", "backend", "cross_entropy", "DimensionError", "gumbel_softmax", "log_softmax", "nn", "softmax"]
+__all__ = [
+    "available_backends",
+    "backend",
+    "cross_entropy",
+    "DimensionError",
+    "gumbel_softmax",
+    "log_softmax",
+    "nn",
+    "softmax",
+]
 __version__ = "0.1.0"

@@ -85,7 +85,9 @@ def gumbel_softmax(
     del eps  # accepted and ignored, as in PyTorch
     logits = _checks.check_tensor("logits", logits)
     if not logits.is_floating_point():
-        raise TypeError(f"alchemy_ops: gumbel_softmax needs floating-point logits, got {logits.dtype}; cast with .float()")
+        raise TypeError(
+            f"alchemy_ops: gumbel_softmax needs floating-point logits, got {logits.dtype}; cast with .float()"
+        )
     tau = _check_tau(tau)
     dim = _checks.wrap_dim(dim, logits.dim())
     hard = bool(hard)

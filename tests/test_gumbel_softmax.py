@@ -153,8 +153,10 @@ ALPHA = 1e-3
 @pytest.mark.parametrize("backend_name", BACKENDS)
 def test_hard_class_frequencies_match_softmax(backend_name):
     """Gumbel-max: argmax(logits + g) ~ Categorical(softmax(logits)), whatever tau."""
-    logits = torch.tensor([1.0, 0.0, -1.0, 2.0, 0.5, -2.0])
-    draws = 1_000 if backend_name == "triton" else 200_000  # triton: one interpreted program per row
+    if backend_name == "triton":  # one interpreted program (~20 ms) per draw: a small test
+        logits, draws = torch.tensor([0.5, 0.0, -0.5]), 300
+    else:
+        logits, draws = torch.tensor([1.0, 0.0, -1.0, 2.0, 0.5, -2.0]), 200_000
     x = logits.expand(draws, -1)
     y = _sample(backend_name, x, seed=11, hard=True, tau=0.3)
     assert torch.equal(y.sum(-1), torch.ones(draws))
@@ -164,20 +166,22 @@ def test_hard_class_frequencies_match_softmax(backend_name):
     assert chi_square_p_value(counts, probs) > ALPHA
 
 
-def test_soft_sample_mean_approaches_softmax_as_tau_shrinks(backend):
+@pytest.mark.parametrize("backend_name", [b for b in BACKENDS if b != "triton"])
+def test_soft_sample_mean_approaches_softmax_as_tau_shrinks(backend_name):
     """E[soft sample] -> softmax(logits) as tau -> 0 (the samples become one-hots); at tau = 1 it
-    is visibly flatter."""
+    is visibly flatter. (Triton: its samples are the cpp ones, see test_cpp_and_triton_draw_the_same_sample;
+    the interpreter is too slow for 50k rows.)"""
     logits = torch.tensor([1.5, 0.0, -1.0, 0.5])
     probs = torch.softmax(logits, -1)
-    draws = 400 if backend == "triton" else 50_000
+    draws = 50_000
     x = logits.expand(draws, -1)
     errors = {}
     for tau in (1.0, 0.05):
-        y = ao.gumbel_softmax(x, tau=tau, generator=_gen(3))
+        y = _sample(backend_name, x, seed=3, tau=tau)
         errors[tau] = float((y.double().mean(0) - probs).abs().max())
         if tau == 0.05:  # almost one-hot, at the same class as the hard sample of the same noise
             assert float(y.max(-1).values.double().mean()) > 0.97
-            hard = ao.gumbel_softmax(x, tau=tau, hard=True, generator=_gen(3))
+            hard = _sample(backend_name, x, seed=3, tau=tau, hard=True)
             assert torch.equal(y.argmax(-1), hard.argmax(-1))
     # 4 standard errors of a mean of one-hots (<= 0.5 / sqrt(draws)), plus the tau bias.
     assert errors[0.05] < 4 * 0.5 / math.sqrt(draws) + 0.01
