@@ -36,7 +36,7 @@ inline void mulhilo32(U32x16 a, uint32_t b, U32x16& hi, U32x16& lo) {
   const __m512i even = _mm512_mul_epu32(a.v, vb);                        // 64-bit products of lanes 0, 2, ...
   const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a.v, 32), vb);  // ... and of lanes 1, 3, ...
   hi.v = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
-  lo.v = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+  lo.v = _mm512_mullo_epi32(a.v, vb);  // one instruction: faster here than a shift and a blend of the products
 }
 
 // The uniforms at counters offset + 0..15, as uniform_from_bits(philox_bits()) lane by lane.
