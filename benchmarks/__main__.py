@@ -102,8 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 _check(reference, out, case.dtype)
             del out
-            provider_warmup, provider_reps = case.reps.get(provider, (warmup, reps))
-            t = time_fn(lambda fn=fn, x=x: fn(x), args.device, provider_warmup, provider_reps)
+            t = time_fn(lambda fn=fn, x=x: fn(x), args.device, warmup, reps)
             extra = peak_extra_memory(lambda fn=fn, x=x: fn(x), args.device)
             rows.append({
                 "op": case.op, "mode": case.mode, "dtype": str(case.dtype).removeprefix("torch."),

@@ -22,8 +22,6 @@ class Case:
         default_factory=dict
     )
     passes: int = 2  # logits-sized tensors that must be read or written
-    # provider -> (warmup, reps) overriding the preset's, for providers that take seconds per call
-    reps: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -117,7 +115,7 @@ def gumbel_softmax_cases(shapes, dtypes, device: str, compile_baseline: bool) ->
     returns what every correct sampler agrees on: each row's sum (1) and, for the gradient of a
     random upstream gradient, each row's sum of the input gradient (0 for a softmax Jacobian).
     Bytes that must move: read x, write y (+ the saved soft sample for hard), read dy and the
-    sample, write dx. Eager takes seconds per call on a CPU: 1 warmup and 2 timed calls."""
+    sample, write dx."""
 
     def runner(fn, grad):
         def run(x):
@@ -144,9 +142,7 @@ def gumbel_softmax_cases(shapes, dtypes, device: str, compile_baseline: bool) ->
                 case = Case("gumbel_softmax", mode, dtype, shape, passes=6 if hard else 5)
                 case.providers["alchemy_ops"] = runner(ours, grad)
                 case.providers["torch eager"] = runner(theirs, grad)
-                case.reps["torch eager"] = (1, 2)
                 if compile_baseline:
                     case.providers["torch.compile"] = runner(torch.compile(theirs, dynamic=False), grad)
-                    case.reps["torch.compile"] = (1, 2)
                 cases.append(case)
     return cases
