@@ -68,6 +68,20 @@ def test_cuda_uniforms_match_cpu():
         assert torch.equal(OPS.triton_philox_uniform(s.cuda(), 2**32 - 1000, 5000).cpu(), cpu)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize(("shape", "dim"), [((5, 2000), -1), ((3, 700), -1), ((300, 4), 0)])
+def test_cuda_samples_match_cpu(shape, dim):
+    """The same seed tensor and offset: the warp, block and strided CUDA kernels draw the CPU's sample."""
+    x, s = _logits(shape, seed=22), torch.tensor([77])
+    for hard in (False, True):
+        cpu = OPS.gumbel_softmax_forward(x, s, 3, 0.5, hard, False, dim)[0]
+        cuda = OPS.gumbel_softmax_forward(x.cuda(), s.cuda(), 3, 0.5, hard, False, dim)[0].cpu()
+        if hard:
+            assert torch.equal(cuda, cpu)
+        else:
+            torch.testing.assert_close(cuda, cpu, atol=1e-6, rtol=1e-5)
+
+
 def test_uniforms_are_uniform():
     u = OPS.philox_uniform(torch.tensor([5]), 0, 200_000)
     counts = torch.histc(u, bins=20, min=0, max=1)
