@@ -5,7 +5,17 @@ from . import triton as _triton  # noqa: F401  (registers the triton_* kernels w
 from ._backend import available_backends, backend
 from ._checks import DimensionError
 from .cross_entropy import cross_entropy
+from .gumbel_softmax import gumbel_softmax
 from .softmax import log_softmax, softmax
 
-__all__ = ["available_backends", "backend", "cross_entropy", "DimensionError", "log_softmax", "nn", "softmax"]
+__all__ = [
+    "available_backends",
+    "backend",
+    "cross_entropy",
+    "DimensionError",
+    "gumbel_softmax",
+    "log_softmax",
+    "nn",
+    "softmax",
+]
 __version__ = "0.1.0"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -65,3 +67,64 @@ def cross_entropy(
         classes = input.shape[1] if input.dim() > 1 else input.shape[0]
         total = total / cross_entropy_mean_denominator(target, w, ignore_index, classes, acc)
     return total.to(input.dtype)
+
+
+# ---- gumbel_softmax: Philox4x32-10 written out in int64 tensor arithmetic (uint32 values) ----
+
+_MASK32 = 0xFFFFFFFF
+_PHILOX_KEY = (0x9E3779B9, 0xBB67AE85)
+_PHILOX_ROUND = (0xD2511F53, 0xCD9E8D57)
+_UNIFORM_SCALE = 4.6566127342e-10
+_UNIFORM_MIN = 2.0**-32
+_UNIFORM_MAX = 1.0 - 2.0**-24
+
+
+def _mulhilo32(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32 bits of a * b for uint32 values held in int64, without int64 overflow."""
+    t_lo = (a & 0xFFFF) * b  # < 2^48
+    t_hi = (a >> 16) * b  # < 2^48
+    s = t_hi + (t_lo >> 16)  # a * b = s * 2^16 + (t_lo & 0xffff)
+    return s >> 16, ((s & 0xFFFF) << 16) | (t_lo & 0xFFFF)
+
+
+def philox_uniform(seed: int | torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """Triton's ``tl.rand(seed, counters)`` for int64 counters: the first word of Philox4x32-10 with
+    key (seed lo, seed hi) and counter (counter lo, counter hi, 0, 0), as a float32 in [0, 1).
+    ``seed``: an int, or an int64 tensor (no host sync, so torch.compile can trace it)."""
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    c0, c1 = counters & _MASK32, (counters >> 32) & _MASK32
+    c2 = c3 = torch.zeros_like(c0)
+    for _ in range(10):
+        hi_b, lo_b = _mulhilo32(c2, _PHILOX_ROUND[1])
+        hi_a, lo_a = _mulhilo32(c0, _PHILOX_ROUND[0])
+        c0, c2, c1, c3 = hi_b ^ c1 ^ k0, hi_a ^ c3 ^ k1, lo_b, lo_a
+        k0, k1 = (k0 + _PHILOX_KEY[0]) & _MASK32, (k1 + _PHILOX_KEY[1]) & _MASK32
+    x = torch.where(c0 >= 2**31, c0 - 2**32, c0)  # the word as int32
+    x = torch.where(x < 0, -x - 1, x)  # ~x
+    return x.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
+
+
+def gumbel_noise(seed: int | torch.Tensor, offset: int, shape: tuple[int, ...], device) -> torch.Tensor:
+    """fp32 Gumbel noise -log(-log(u)) of every element, u clamped into [2^-32, 1 - 2^-24]."""
+    n = math.prod(shape)
+    u = philox_uniform(seed, torch.arange(offset, offset + n, dtype=torch.int64, device=device))
+    u = u.clamp(_UNIFORM_MIN, _UNIFORM_MAX)
+    return -torch.log(-torch.log(u)).view(shape)
+
+
+def gumbel_softmax(
+    logits: torch.Tensor, seed: torch.Tensor, offset: int, tau: float, hard: bool, dim: int
+) -> torch.Tensor:
+    """softmax((logits + g - max) / tau) with the kernels' noise; hard: one-hot at the first argmax of
+    logits + g, straight-through. Contiguous, in the logits' dtype."""
+    acc = acc_dtype(logits.dtype)
+    z = logits.to(acc) + gumbel_noise(seed.reshape(()), offset, tuple(logits.shape), logits.device).to(acc)
+    z = z.contiguous()
+    m = z.amax(dim, keepdim=True) if z.dim() else z
+    soft = torch.softmax((z - m) / tau, dim if z.dim() else 0).to(logits.dtype)
+    if not hard:
+        return soft
+    index = z.argmax(dim, keepdim=True) if z.dim() else torch.zeros((), dtype=torch.long)
+    one_hot = torch.zeros_like(soft).scatter_(dim, index, 1.0) if z.dim() else torch.ones_like(soft)
+    # + (s - s): exactly 0 for a finite soft sample, so the value stays an exact one-hot; NaN rows stay NaN.
+    return one_hot + (soft - soft.detach())

@@ -38,6 +38,12 @@ PRESETS = {
         15,
     ),
 }
+# gumbel_softmax: shapes, dtypes (forward+backward, soft and hard; eager takes seconds per call here)
+GUMBEL_PRESETS = {
+    "tiny": ([(64, 1000)], [torch.float32]),
+    "quick": ([(4096, 32000)], [torch.float32]),
+    "full": ([(4096, 32000), (1024, 131072)], [torch.float32, torch.bfloat16]),
+}
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -68,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     compile_baseline = not args.no_compile
     cases = case_defs.softmax_cases(shapes, dtypes, args.device, compile_baseline)
     cases += case_defs.cross_entropy_cases(ce_shapes, dtypes, args.device, compile_baseline)
+    gumbel_shapes, gumbel_dtypes = GUMBEL_PRESETS[args.preset]
+    gumbel_dtypes = dtypes if args.dtype else gumbel_dtypes
+    cases += case_defs.gumbel_softmax_cases(gumbel_shapes, gumbel_dtypes, args.device, compile_baseline)
     if args.ops:
         cases = [c for c in cases if c.op in args.ops]
 

@@ -137,3 +137,41 @@ def cross_entropy_cases(shapes, dtypes, device: str, compile_baseline: bool) -> 
                     case.providers["liger"] = _runner(lambda t, target=target: liger(t, target), backward, None)
                 cases.append(case)
     return cases
+
+
+def gumbel_softmax_cases(shapes, dtypes, device: str, compile_baseline: bool) -> list[Case]:
+    """``F.gumbel_softmax`` forward+backward, soft and hard. The samples are random, so a provider
+    returns what every correct sampler agrees on: each row's sum (1) and, for the gradient of a
+    random upstream gradient, each row's sum of the input gradient (0 for a softmax Jacobian).
+    Bytes that must move: read x, write y (+ the saved soft sample for hard), read dy and the
+    sample, write dx."""
+
+    def runner(fn, grad):
+        def run(x):
+            xr = x.detach().requires_grad_()
+            y = fn(xr)
+            (dx,) = torch.autograd.grad(y, xr, grad)
+            return y.float().sum(-1), dx.float().sum(-1)
+
+        return run
+
+    cases = []
+    for shape in shapes:
+        for dtype in dtypes:
+            grad = torch.randn(shape, device=device, dtype=dtype, generator=torch.Generator(device).manual_seed(1))
+            for hard in (False, True):
+
+                def ours(t, hard=hard):
+                    return ao.gumbel_softmax(t, 1.0, hard)
+
+                def theirs(t, hard=hard):
+                    return F.gumbel_softmax(t, 1.0, hard)
+
+                mode = "forward+backward hard" if hard else "forward+backward"
+                case = Case("gumbel_softmax", mode, dtype, shape, passes=6 if hard else 5)
+                case.providers["alchemy_ops"] = runner(ours, grad)
+                case.providers["torch eager"] = runner(theirs, grad)
+                if compile_baseline:
+                    case.providers["torch.compile"] = runner(torch.compile(theirs, dynamic=False), grad)
+                cases.append(case)
+    return cases

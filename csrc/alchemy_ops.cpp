@@ -30,6 +30,19 @@ TORCH_LIBRARY(alchemy_ops, m) {
   m.def("triton_cross_entropy_forward(Tensor input, Tensor target, Tensor? weight, int ignore_index, float label_smoothing, float z_loss, float softcap, bool check_target) -> (Tensor, Tensor)");
   m.def("triton_cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, Tensor lse, int ignore_index, float label_smoothing, float z_loss, float softcap) -> Tensor");
   m.def("triton_cross_entropy_forward_inplace(Tensor(a!) input, Tensor target, Tensor? weight, Tensor grad_scale, int ignore_index, float label_smoothing, float z_loss, float softcap, bool check_target) -> (Tensor, Tensor)");
+
+  // Gumbel-softmax sample softmax((logits + g) / tau) along dim, g = -log(-log(u)) with u the
+  // Philox4x32-10 uniform of Triton's tl.rand(seed, offset + logical index) (alchemy/philox.h);
+  // seed: int64 [1] on the logits' device. Returns (y, y_soft), contiguous: y is the soft sample,
+  // or for hard the one-hot at argmax(logits + g); y_soft is the soft sample of hard=True when
+  // keep_soft (what the straight-through backward needs), else empty [0]. No backward op: the
+  // gradient is softmax_backward(grad, soft sample, dim, tau, log=False).
+  m.def("gumbel_softmax_forward(Tensor logits, Tensor seed, int offset, float tau, bool hard, bool keep_soft, int dim) -> (Tensor, Tensor)");
+  // The uniforms u of that stream, float32 [numel], u[k] = tl.rand(seed, offset + k) bit for bit
+  // (before the clamp): what the tests compare across backends.
+  m.def("philox_uniform(Tensor seed, int offset, int numel) -> Tensor");
+  m.def("triton_philox_uniform(Tensor seed, int offset, int numel) -> Tensor");
+  m.def("triton_gumbel_softmax_forward(Tensor logits, Tensor seed, int offset, float tau, bool hard, bool keep_soft, int dim) -> (Tensor, Tensor)");
 }
 
 #ifndef ALCHEMY_CPU_CAPABILITY
