@@ -65,3 +65,17 @@ def cross_entropy(
         classes = input.shape[1] if input.dim() > 1 else input.shape[0]
         total = total / cross_entropy_mean_denominator(target, w, ignore_index, classes, acc)
     return total.to(input.dtype)
+
+
+def topk_softmax(
+    logits: torch.Tensor, k: int, renormalize: bool, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k softmax along the last dim: a stable descending sort (NaN first, ties to the lowest
+    index), then the softmax of the k selected (``renormalize``) or the full-row softmax gathered."""
+    x = logits.to(acc_dtype(logits.dtype))
+    _, indices = torch.sort(x.detach(), dim=-1, descending=True, stable=True)
+    z = x / temperature
+    indices = indices[..., :k]
+    selected = z.gather(-1, indices)
+    weights = torch.softmax(selected, -1) if renormalize else torch.softmax(z, -1).gather(-1, indices)
+    return weights, indices

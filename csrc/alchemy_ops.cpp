@@ -30,6 +30,16 @@ TORCH_LIBRARY(alchemy_ops, m) {
   m.def("triton_cross_entropy_forward(Tensor input, Tensor target, Tensor? weight, int ignore_index, float label_smoothing, float z_loss, float softcap, bool check_target) -> (Tensor, Tensor)");
   m.def("triton_cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, Tensor lse, int ignore_index, float label_smoothing, float z_loss, float softcap) -> Tensor");
   m.def("triton_cross_entropy_forward_inplace(Tensor(a!) input, Tensor target, Tensor? weight, Tensor grad_scale, int ignore_index, float label_smoothing, float z_loss, float softcap, bool check_target) -> (Tensor, Tensor)");
+  // Top-k softmax along the last dim (the Python API moves any other dim there). Returns
+  // (weights [..., k] in the accumulation dtype (fp32; fp64 for fp64), indices [..., k] int64, lse [...]):
+  // sorted by descending logit, NaN first, ties to the lowest index; weights = exp((x - max) / T - lse)
+  // with lse the log-sum-exp of (x - max) / T over the k selected (renormalize) or the whole row;
+  // NaN for a row whose max is NaN or +-inf.
+  m.def("topk_softmax_forward(Tensor logits, int k, bool renormalize, float temperature) -> (Tensor, Tensor, Tensor)");
+  // d sum(grad_weights * weights) / d logits, from the saved logits, weights, indices and lse.
+  m.def("topk_softmax_backward(Tensor grad_weights, Tensor logits, Tensor weights, Tensor indices, Tensor lse, bool renormalize, float temperature) -> Tensor");
+  m.def("triton_topk_softmax_forward(Tensor logits, int k, bool renormalize, float temperature) -> (Tensor, Tensor, Tensor)");
+  m.def("triton_topk_softmax_backward(Tensor grad_weights, Tensor logits, Tensor weights, Tensor indices, Tensor lse, bool renormalize, float temperature) -> Tensor");
 }
 
 #ifndef ALCHEMY_CPU_CAPABILITY

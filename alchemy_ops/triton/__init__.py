@@ -7,4 +7,4 @@ except ImportError:
     TRITON_AVAILABLE = False
 else:
     TRITON_AVAILABLE = True
-    from . import cross_entropy, softmax  # noqa: F401
+    from . import cross_entropy, softmax, topk_softmax  # noqa: F401

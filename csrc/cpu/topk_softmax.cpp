@@ -1,0 +1,198 @@
+// CPU kernels of topk_softmax_forward / _backward (along the last dim of a contiguous row).
+//
+// Selection never sorts the row. For k <= kSmallK, a sorted buffer of the k best so far and a
+// vectorized prefilter: a vector of the row is only looked at lane by lane when one of its lanes
+// can beat the current k-th best (after the first vectors of a random row, almost never). For
+// larger k, nth_element on the row's indices, then a sort of the k selected. The full-row
+// softmax statistics (renormalize=False) come from the vectorized online pass of row_stats.h.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <numeric>
+#include <vector>
+
+#include <alchemy/topk_softmax.h>
+#include <alchemy/topk_softmax_host.h>
+
+#include "row_stats.h"
+#include "vec_math.h"
+
+namespace alchemy::cpu {
+namespace {
+
+constexpr int64_t kSmallK = 64;
+
+// Inserts (v, c) into the sorted buffer vals/idx of size n < cap, or of size cap if it beats the
+// last entry (which then drops out). c is larger than every index in the buffer.
+template <typename acc_t>
+inline void insert(acc_t* vals, int64_t* idx, int64_t& n, int64_t cap, acc_t v, int64_t c) {
+  int64_t p = n < cap ? n : cap - 1;
+  if (n == cap && !topk_before(v, c, vals[p], idx[p])) return;
+  while (p > 0 && topk_before(v, c, vals[p - 1], idx[p - 1])) {
+    vals[p] = vals[p - 1];
+    idx[p] = idx[p - 1];
+    --p;
+  }
+  vals[p] = v;
+  idx[p] = c;
+  if (n < cap) ++n;
+}
+
+// The k first entries of the row in the top-k order, into vals/idx (sorted).
+template <typename scalar_t>
+void select_small(const scalar_t* x, int64_t C, int64_t k, acc_type<scalar_t>* vals, int64_t* idx) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = AccVec<scalar_t>;
+  constexpr int64_t kVec = Vec::size();
+  int64_t n = 0, c = 0;
+  for (; c < k; ++c) insert(vals, idx, n, k, static_cast<acc_t>(x[c]), c);
+  for (; c + kVec <= C; c += kVec) {
+    // Lanes that may beat the k-th best: not <= it (NaN lanes, or any lane once it is NaN, included).
+    const Vec v = load_acc(x + c);
+    auto mask = static_cast<uint32_t>((v <= Vec(vals[k - 1])).zero_mask());
+    if (mask == 0) continue;
+    acc_t lanes[kVec];
+    v.store(lanes);
+    while (mask != 0) {
+      const int j = __builtin_ctz(mask);
+      mask &= mask - 1;
+      insert(vals, idx, n, k, lanes[j], c + j);
+    }
+  }
+  for (; c < C; ++c) insert(vals, idx, n, k, static_cast<acc_t>(x[c]), c);
+}
+
+// Large k: nth_element on the indices, then sort the k selected.
+template <typename scalar_t>
+void select_large(const scalar_t* x, int64_t C, int64_t k, acc_type<scalar_t>* vals, int64_t* idx) {
+  using acc_t = acc_type<scalar_t>;
+  thread_local std::vector<int64_t> order;
+  thread_local std::vector<acc_t> row;
+  order.resize(C);
+  row.resize(C);
+  for (int64_t c = 0; c < C; ++c) row[c] = static_cast<acc_t>(x[c]);
+  std::iota(order.begin(), order.end(), int64_t(0));
+  const acc_t* r = row.data();
+  auto before = [r](int64_t a, int64_t b) { return topk_before(r[a], a, r[b], b); };
+  if (k < C) std::nth_element(order.begin(), order.begin() + (k - 1), order.end(), before);
+  std::sort(order.begin(), order.begin() + k, before);
+  for (int64_t j = 0; j < k; ++j) {
+    idx[j] = order[j];
+    vals[j] = r[order[j]];
+  }
+}
+
+template <typename scalar_t>
+void forward_kernel(const TopkProblem& p, bool renormalize, at::Tensor& w_t, at::Tensor& i_t, at::Tensor& lse_t) {
+  using acc_t = acc_type<scalar_t>;
+  const scalar_t* x = p.x.const_data_ptr<scalar_t>();
+  acc_t* w = w_t.mutable_data_ptr<acc_t>();
+  int64_t* ind = i_t.mutable_data_ptr<int64_t>();
+  acc_t* lse = lse_t.mutable_data_ptr<acc_t>();
+  const int64_t C = p.classes, k = p.k;
+  const auto inv_t = static_cast<acc_t>(p.inv_t);
+  const int64_t grain = std::max<int64_t>(1, 32768 / C);
+  at::parallel_for(0, p.rows, grain, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<acc_t> vals;
+    vals.resize(k);
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* xr = x + r * C;
+      int64_t* ir = ind + r * k;
+      if (k <= kSmallK) {
+        select_small(xr, C, k, vals.data(), ir);
+      } else {
+        select_large(xr, C, k, vals.data(), ir);
+      }
+      const acc_t max = vals[0];  // the row max: NaN sorts first
+      acc_t sum;
+      if (renormalize) {
+        sum = 0;
+        for (int64_t j = 0; j < k; ++j) sum += exp_acc((vals[j] - max) * inv_t);
+      } else {
+        const SoftmaxStats<acc_t> st = row_stats(xr, C, inv_t);
+        sum = st.max == max ? st.sum : std::numeric_limits<acc_t>::quiet_NaN();  // differ only if degenerate
+      }
+      const acc_t l = topk_lse(max, sum);
+      lse[r] = l;
+      acc_t* wr = w + r * k;
+      for (int64_t j = 0; j < k; ++j) wr[j] = topk_weight(vals[j], max, l, inv_t);
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_kernel(const TopkProblem& p, const TopkGradProblem& q, bool renormalize, at::Tensor& dx_t) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = AccVec<scalar_t>;
+  constexpr int64_t kVec = Vec::size();
+  const scalar_t* x = p.x.const_data_ptr<scalar_t>();
+  const acc_t* g = q.g.const_data_ptr<acc_t>();
+  const acc_t* w = q.w.const_data_ptr<acc_t>();
+  const int64_t* ind = q.idx.const_data_ptr<int64_t>();
+  const acc_t* lse = q.lse.const_data_ptr<acc_t>();
+  scalar_t* dx = dx_t.mutable_data_ptr<scalar_t>();
+  const int64_t C = p.classes, k = p.k;
+  const auto inv_t = static_cast<acc_t>(p.inv_t);
+  const int64_t grain = std::max<int64_t>(1, 32768 / C);
+  at::parallel_for(0, p.rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const acc_t* gr = g + r * k;
+      const acc_t* wr = w + r * k;
+      const int64_t* ir = ind + r * k;
+      const scalar_t* xr = x + r * C;
+      scalar_t* dr = dx + r * C;
+      acc_t s = 0;
+      for (int64_t j = 0; j < k; ++j) s += gr[j] * wr[j];
+      if (renormalize) {
+        std::memset(static_cast<void*>(dr), 0, C * sizeof(scalar_t));  // all-zero bits are 0 in every float type
+      } else {
+        // Every logit: -inv_t * s * p_c, p_c = exp((x_c - max) * inv_t - lse), max the top-1 logit.
+        const acc_t max = static_cast<acc_t>(xr[ir[0]]), l = lse[r];
+        const Vec vmax(max), vinv(inv_t), vl(l), vscale(-inv_t * s);
+        int64_t c = 0;
+        for (; c + kVec <= C; c += kVec)
+          store_acc(dr + c, vscale * fast_exp(at::vec::fmsub(load_acc(xr + c) - vmax, vinv, vl)));
+        for (; c < C; ++c) dr[c] = static_cast<scalar_t>(-inv_t * s * topk_weight(static_cast<acc_t>(xr[c]), max, l, inv_t));
+      }
+      for (int64_t j = 0; j < k; ++j) dr[ir[j]] = static_cast<scalar_t>(topk_selected_grad(gr[j], wr[j], s, inv_t));
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_softmax_forward(const at::Tensor& logits, int64_t k,
+                                                                    bool renormalize, double temperature) {
+  const TopkProblem p = make_topk_problem(logits, k, temperature);
+  auto [w, idx, lse] = topk_outputs(logits, k);
+  if (p.rows > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "alchemy_topk_softmax",
+                                    [&] { forward_kernel<scalar_t>(p, renormalize, w, idx, lse); });
+  }
+  return {w, idx, lse};
+}
+
+at::Tensor topk_softmax_backward(const at::Tensor& grad_weights, const at::Tensor& logits, const at::Tensor& weights,
+                                 const at::Tensor& indices, const at::Tensor& lse, bool renormalize,
+                                 double temperature) {
+  const TopkProblem p = make_topk_problem(logits, weights.size(-1), temperature);
+  const TopkGradProblem q = make_topk_grad_problem(p, grad_weights, weights, indices, lse);
+  at::Tensor dx = at::empty(logits.sizes(), logits.options());
+  if (p.rows > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "alchemy_topk_softmax_backward",
+                                    [&] { backward_kernel<scalar_t>(p, q, renormalize, dx); });
+  }
+  return dx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(alchemy_ops, CPU, m) {
+  m.impl("topk_softmax_forward", &topk_softmax_forward);
+  m.impl("topk_softmax_backward", &topk_softmax_backward);
+}
+
+}  // namespace alchemy::cpu
