@@ -2,8 +2,9 @@
 //
 // Selection never sorts the row. For k <= kSmallK, a sorted buffer of the k best so far and a
 // vectorized prefilter: a vector of the row is only looked at lane by lane when one of its lanes
-// can beat the current k-th best (after the first vectors of a random row, almost never). For
-// larger k, nth_element on the row's indices, then a sort of the k selected. The full-row
+// can beat the current k-th best (after the first vectors of a random row, rarely). For larger k,
+// and for rows holding a NaN, nth_element on the row's indices in the exact order (NaN first),
+// then a sort of the k selected. The full-row
 // softmax statistics (renormalize=False) come from the vectorized online pass of row_stats.h.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -19,6 +20,7 @@
 #include <alchemy/topk_softmax.h>
 #include <alchemy/topk_softmax_host.h>
 
+#include "huge_pages.h"
 #include "row_stats.h"
 #include "vec_math.h"
 
@@ -27,47 +29,54 @@ namespace {
 
 constexpr int64_t kSmallK = 64;
 
-// Inserts (v, c) into the sorted buffer vals/idx of size n < cap, or of size cap if it beats the
-// last entry (which then drops out). c is larger than every index in the buffer.
-template <typename acc_t>
-inline void insert(acc_t* vals, int64_t* idx, int64_t& n, int64_t cap, acc_t v, int64_t c) {
-  int64_t p = n < cap ? n : cap - 1;
-  if (n == cap && !topk_before(v, c, vals[p], idx[p])) return;
-  while (p > 0 && topk_before(v, c, vals[p - 1], idx[p - 1])) {
-    vals[p] = vals[p - 1];
-    idx[p] = idx[p - 1];
-    --p;
-  }
-  vals[p] = v;
-  idx[p] = c;
-  if (n < cap) ++n;
-}
-
-// The k first entries of the row in the top-k order, into vals/idx (sorted).
+// The k first entries of a row without NaN, into vals/idx (sorted), with plain comparisons: a
+// sorted buffer of the k best so far, which a later entry only enters by beating the last one
+// strictly (so equal values keep the lower index first). Returns false, leaving the row to the
+// exact path, as soon as it meets a NaN.
 template <typename scalar_t>
-void select_small(const scalar_t* x, int64_t C, int64_t k, acc_type<scalar_t>* vals, int64_t* idx) {
+bool select_small(const scalar_t* x, int64_t C, int64_t k, acc_type<scalar_t>* vals, int64_t* idx) {
   using acc_t = acc_type<scalar_t>;
   using Vec = AccVec<scalar_t>;
   constexpr int64_t kVec = Vec::size();
-  int64_t n = 0, c = 0;
-  for (; c < k; ++c) insert(vals, idx, n, k, static_cast<acc_t>(x[c]), c);
+  int64_t n = 0;
+  auto push = [&](acc_t v, int64_t c) {
+    if (v != v) return false;
+    int64_t p;
+    if (n < k) {
+      p = n++;
+    } else {
+      if (!(v > vals[k - 1])) return true;
+      p = k - 1;
+    }
+    for (; p > 0 && v > vals[p - 1]; --p) {
+      vals[p] = vals[p - 1];
+      idx[p] = idx[p - 1];
+    }
+    vals[p] = v;
+    idx[p] = c;
+    return true;
+  };
+  int64_t c = 0;
+  for (; c < k; ++c)
+    if (!push(static_cast<acc_t>(x[c]), c)) return false;
   for (; c + kVec <= C; c += kVec) {
-    // Lanes that may beat the k-th best: not <= it (NaN lanes, or any lane once it is NaN, included).
+    // Lanes that may enter: not <= the k-th best (NaN lanes included, so they are seen).
     const Vec v = load_acc(x + c);
     auto mask = static_cast<uint32_t>((v <= Vec(vals[k - 1])).zero_mask());
     if (mask == 0) continue;
     acc_t lanes[kVec];
     v.store(lanes);
-    while (mask != 0) {
+    for (; mask != 0; mask &= mask - 1) {
       const int j = __builtin_ctz(mask);
-      mask &= mask - 1;
-      insert(vals, idx, n, k, lanes[j], c + j);
+      if (!push(lanes[j], c + j)) return false;
     }
   }
-  for (; c < C; ++c) insert(vals, idx, n, k, static_cast<acc_t>(x[c]), c);
+  for (; c < C; ++c)
+    if (!push(static_cast<acc_t>(x[c]), c)) return false;
+  return true;
 }
 
-// Large k: nth_element on the indices, then sort the k selected.
+// Large k, or a row with NaN: nth_element on the indices in the exact order, then a sort of the k selected.
 template <typename scalar_t>
 void select_large(const scalar_t* x, int64_t C, int64_t k, acc_type<scalar_t>* vals, int64_t* idx) {
   using acc_t = acc_type<scalar_t>;
@@ -103,11 +112,7 @@ void forward_kernel(const TopkProblem& p, bool renormalize, at::Tensor& w_t, at:
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* xr = x + r * C;
       int64_t* ir = ind + r * k;
-      if (k <= kSmallK) {
-        select_small(xr, C, k, vals.data(), ir);
-      } else {
-        select_large(xr, C, k, vals.data(), ir);
-      }
+      if (k > kSmallK || !select_small(xr, C, k, vals.data(), ir)) select_large(xr, C, k, vals.data(), ir);
       const acc_t max = vals[0];  // the row max: NaN sorts first
       acc_t sum;
       if (renormalize) {
@@ -181,6 +186,7 @@ at::Tensor topk_softmax_backward(const at::Tensor& grad_weights, const at::Tenso
   const TopkProblem p = make_topk_problem(logits, weights.size(-1), temperature);
   const TopkGradProblem q = make_topk_grad_problem(p, grad_weights, weights, indices, lse);
   at::Tensor dx = at::empty(logits.sizes(), logits.options());
+  advise_huge_pages(dx);
   if (p.rows > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "alchemy_topk_softmax_backward",
                                     [&] { backward_kernel<scalar_t>(p, q, renormalize, dx); });
