@@ -37,6 +37,12 @@ PRESETS = {
         15,
     ),
 }
+# Top-k softmax ((shape, k), ...) per preset, fp32 only: a MoE router and a top-k sampling row.
+TOPK_PRESETS = {
+    "tiny": [((64, 1000), 8)],
+    "quick": [((65536, 256), 8), ((64, 131072), 50)],
+    "full": [((65536, 256), 8), ((16384, 2304), 8), ((64, 131072), 50), ((256, 262144), 1000)],
+}
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -67,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     compile_baseline = not args.no_compile
     cases = case_defs.softmax_cases(shapes, dtypes, args.device, compile_baseline)
     cases += case_defs.cross_entropy_cases(ce_shapes, dtypes, args.device, compile_baseline)
+    topk_dtypes = [d for d in dtypes if d == torch.float32]
+    cases += case_defs.topk_softmax_cases(TOPK_PRESETS[args.preset], topk_dtypes, args.device, compile_baseline)
     if args.ops:
         cases = [c for c in cases if c.op in args.ops]
 

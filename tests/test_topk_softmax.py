@@ -53,7 +53,7 @@ CASES = [
     ((3, 300), 100, -1, "contiguous"),
     ((2, 17, 3), 4, 1, "contiguous"),
     ((6, 37), 8, -1, "transposed"),
-    ((6, 37), 3, 0, "contiguous"),
+    ((6, 13), 3, 0, "contiguous"),
     ((11,), 3, 0, "contiguous"),
     ((0, 5), 2, -1, "contiguous"),
 ]
@@ -181,9 +181,9 @@ def test_minus_inf_and_rows_with_fewer_than_k_finite_values(backend, renormalize
 
 
 def test_invariants(backend):
-    x = _logits((64, 40), seed=11)
+    x = _logits((16, 40), seed=11)
     w, idx = ao.topk_softmax(x, 6)
-    torch.testing.assert_close(w.sum(-1), torch.ones(64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(w.sum(-1), torch.ones(16), atol=1e-6, rtol=0)
     assert (w[:, :-1] >= w[:, 1:]).all()
     full, idx_full = ao.topk_softmax(x, 6, renormalize=False)
     assert torch.equal(idx, idx_full)
@@ -199,7 +199,7 @@ def test_invariants(backend):
 
 
 def test_deterministic(backend):
-    x = _logits((33, 130), seed=2).requires_grad_()
+    x = _logits((9, 130), seed=2).requires_grad_()
     runs = []
     for _ in range(2):
         w, idx = ao.topk_softmax(x, 7, renormalize=False)
@@ -211,7 +211,7 @@ def test_deterministic(backend):
 
 @pytest.mark.parametrize("renormalize", [True, False], ids=["renorm", "full"])
 def test_gradcheck(backend, renormalize):
-    x = _logits((3, 7, 2), torch.float64, seed=9).requires_grad_()
+    x = _logits((2, 5, 2), torch.float64, seed=9).requires_grad_()  # small: Triton's interpreter is slow
     assert torch.autograd.gradcheck(
         lambda x: ao.topk_softmax(x, 3, 1, renormalize=renormalize, temperature=1.3)[0], (x,)
     )

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <vector>
 
@@ -28,6 +29,51 @@ namespace alchemy::cpu {
 namespace {
 
 constexpr int64_t kSmallK = 64;
+
+#if defined(CPU_CAPABILITY_AVX512)
+// The vector part of select_small for k <= 16 fp32 entries, from c on, with the k best so far held
+// sorted in one register (their indices in another): an entry that beats the k-th best goes in with
+// one compare, two permutes and two blends, no branch on where. Returns false at a NaN.
+template <typename scalar_t>
+bool select_small_avx512(const scalar_t* x, int64_t C, int64_t k, float* vals, int64_t* idx, int64_t& c) {
+  alignas(64) float v0[16];
+  alignas(64) int32_t i0[16];
+  for (int j = 0; j < 16; ++j) {
+    v0[j] = j < k ? vals[j] : -std::numeric_limits<float>::infinity();
+    i0[j] = j < k ? static_cast<int32_t>(idx[j]) : 0;
+  }
+  __m512 best = _mm512_load_ps(v0);
+  __m512i best_idx = _mm512_load_si512(i0);
+  const __m512i shift = _mm512_set_epi32(14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 0);  // lane i <- i - 1
+  const __m512i last = _mm512_set1_epi32(static_cast<int32_t>(k - 1));
+  __m512 thr = _mm512_permutexvar_ps(last, best);
+  for (; c + 16 <= C; c += 16) {
+    const __m512 v = load_acc(x + c);
+    __mmask16 m = _mm512_cmp_ps_mask(v, thr, _CMP_NLE_UQ);  // > the k-th best, or NaN
+    if (m == 0) continue;
+    if (_mm512_mask_cmp_ps_mask(m, v, v, _CMP_UNORD_Q) != 0) return false;
+    do {
+      const int j = __builtin_ctz(m);
+      const __m512 bv = _mm512_permutexvar_ps(_mm512_set1_epi32(j), v);
+      const __mmask16 ge = _mm512_cmp_ps_mask(best, bv, _CMP_GE_OQ);  // a prefix: equal values stay ahead
+      const auto at = static_cast<__mmask16>(ge + 1);                  // the lane it goes to
+      best = _mm512_mask_mov_ps(_mm512_mask_mov_ps(_mm512_permutexvar_ps(shift, best), ge, best), at, bv);
+      best_idx = _mm512_mask_mov_epi32(_mm512_mask_mov_epi32(_mm512_permutexvar_epi32(shift, best_idx), ge, best_idx),
+                                       at, _mm512_set1_epi32(static_cast<int32_t>(c + j)));
+      thr = _mm512_permutexvar_ps(last, best);
+      m &= m - 1;
+      m &= _mm512_cmp_ps_mask(v, thr, _CMP_GT_OQ);
+    } while (m != 0);
+  }
+  _mm512_store_ps(v0, best);
+  _mm512_store_si512(i0, best_idx);
+  for (int64_t j = 0; j < k; ++j) {
+    vals[j] = v0[j];
+    idx[j] = i0[j];
+  }
+  return true;
+}
+#endif
 
 // The k first entries of a row without NaN, into vals/idx (sorted), with plain comparisons: a
 // sorted buffer of the k best so far, which a later entry only enters by beating the last one
@@ -59,6 +105,11 @@ bool select_small(const scalar_t* x, int64_t C, int64_t k, acc_type<scalar_t>* v
   int64_t c = 0;
   for (; c < k; ++c)
     if (!push(static_cast<acc_t>(x[c]), c)) return false;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (k <= 16 && C < (int64_t(1) << 31) && !select_small_avx512(x, C, k, vals, idx, c)) return false;
+  }
+#endif
   for (; c + kVec <= C; c += kVec) {
     // Lanes that may enter: not <= the k-th best (NaN lanes included, so they are seen).
     const Vec v = load_acc(x + c);

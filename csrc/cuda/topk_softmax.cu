@@ -1,6 +1,6 @@
 // CUDA kernels of topk_softmax_forward / _backward (along the last dim of a contiguous row).
 //
-// A warp per row for rows up to kWarpRowMaxClasses (every MoE router, any expert count, 4 rows per
+// A warp per row for rows up to kWarpRowMaxClasses (every MoE router, any expert count, 8 rows per
 // block), a 512-thread block per row beyond. Nothing of the row is held in registers or shared
 // memory; every pass re-reads it (from L1/L2 after the first):
 //   1. online max / sum-exp (full-row softmax statistics);
@@ -31,7 +31,7 @@ using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 constexpr int kWarp = 32;
 constexpr int kBlockThreads = 512;
-constexpr int kWarpRowsPerBlock = 4;
+constexpr int kWarpRowsPerBlock = 8;  // 256 threads: at 128, ptxas spills the fp64 kernels (exp slow path)
 constexpr int64_t kWarpRowMaxClasses = 4096;
 
 template <int kThreads>
