@@ -13,6 +13,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <functional>
 #include <cstring>
 #include <limits>
 #include <numeric>
@@ -31,27 +33,34 @@ namespace {
 constexpr int64_t kSmallK = 64;
 
 #if defined(CPU_CAPABILITY_AVX512)
-// The vector part of select_small for k <= 16 fp32 entries, from c on, with the k best so far held
+// The vector part of select_small for k <= 16 and fp32 accumulation, with the k best so far held
 // sorted in one register (their indices in another): an entry that beats the k-th best goes in with
-// one compare, two permutes and two blends, no branch on where. Returns false at a NaN.
+// one compare, two permutes and two blends, no branch on where. A first pass takes the lane-wise
+// max of the row's vectors: the k-th largest of those 16 maxima is a lower bound of the k-th
+// largest of the row, so the buffer starts just below it and only the few entries above it go in.
+// Returns 1 with the k best of x[0, c) in vals/idx, 0 at a NaN, -1 if the bound is -inf.
 template <typename scalar_t>
-bool select_small_avx512(const scalar_t* x, int64_t C, int64_t k, float* vals, int64_t* idx, int64_t& c) {
+int select_small_avx512(const scalar_t* x, int64_t C, int64_t k, float* vals, int64_t* idx, int64_t& c) {
+  __m512 colmax = load_acc(x);
+  for (c = 16; c + 16 <= C; c += 16) colmax = _mm512_max_ps(colmax, load_acc(x + c));
+  if (_mm512_cmp_ps_mask(colmax, colmax, _CMP_UNORD_Q) != 0) return 0;
   alignas(64) float v0[16];
   alignas(64) int32_t i0[16];
-  for (int j = 0; j < 16; ++j) {
-    v0[j] = j < k ? vals[j] : -std::numeric_limits<float>::infinity();
-    i0[j] = j < k ? static_cast<int32_t>(idx[j]) : 0;
-  }
-  __m512 best = _mm512_load_ps(v0);
-  __m512i best_idx = _mm512_load_si512(i0);
+  _mm512_store_ps(v0, colmax);
+  std::nth_element(v0, v0 + (k - 1), v0 + 16, std::greater<float>());
+  const float bound = v0[k - 1];
+  if (bound == -std::numeric_limits<float>::infinity()) return -1;
+  // Below every entry >= bound, so k real entries (the maxima above) displace all of it.
+  __m512 best = _mm512_set1_ps(std::nextafter(bound, -std::numeric_limits<float>::infinity()));
+  __m512i best_idx = _mm512_setzero_si512();
   const __m512i shift = _mm512_set_epi32(14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 0);  // lane i <- i - 1
   const __m512i last = _mm512_set1_epi32(static_cast<int32_t>(k - 1));
-  __m512 thr = _mm512_permutexvar_ps(last, best);
-  for (; c + 16 <= C; c += 16) {
+  __m512 thr = best;
+  for (c = 0; c + 16 <= C; c += 16) {
     const __m512 v = load_acc(x + c);
     __mmask16 m = _mm512_cmp_ps_mask(v, thr, _CMP_NLE_UQ);  // > the k-th best, or NaN
     if (m == 0) continue;
-    if (_mm512_mask_cmp_ps_mask(m, v, v, _CMP_UNORD_Q) != 0) return false;
+    if (_mm512_mask_cmp_ps_mask(m, v, v, _CMP_UNORD_Q) != 0) return 0;
     do {
       const int j = __builtin_ctz(m);
       const __m512 bv = _mm512_permutexvar_ps(_mm512_set1_epi32(j), v);
@@ -71,7 +80,7 @@ bool select_small_avx512(const scalar_t* x, int64_t C, int64_t k, float* vals, i
     vals[j] = v0[j];
     idx[j] = i0[j];
   }
-  return true;
+  return 1;
 }
 #endif
 
@@ -103,13 +112,18 @@ bool select_small(const scalar_t* x, int64_t C, int64_t k, acc_type<scalar_t>* v
     return true;
   };
   int64_t c = 0;
-  for (; c < k; ++c)
-    if (!push(static_cast<acc_t>(x[c]), c)) return false;
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (k <= 16 && C < (int64_t(1) << 31) && !select_small_avx512(x, C, k, vals, idx, c)) return false;
+    if (k <= 16 && C >= 16 && C < (int64_t(1) << 31)) {
+      const int done = select_small_avx512(x, C, k, vals, idx, c);
+      if (done == 0) return false;
+      if (done == 1) n = k;  // then the scalar tail below
+      if (done == -1) c = 0;
+    }
   }
 #endif
+  for (; c < k; ++c)
+    if (!push(static_cast<acc_t>(x[c]), c)) return false;
   for (; c + kVec <= C; c += kVec) {
     // Lanes that may enter: not <= the k-th best (NaN lanes included, so they are seen).
     const Vec v = load_acc(x + c);
