@@ -8,5 +8,14 @@ from .cross_entropy import cross_entropy
 from .softmax import log_softmax, softmax
 from .topk_softmax import topk_softmax
 
-__all__ = ["available_backends", "backend", "cross_entropy", "DimensionError", "log_softmax", "nn", "softmax", "topk_softmax"]
+__all__ = [
+    "available_backends",
+    "backend",
+    "cross_entropy",
+    "DimensionError",
+    "log_softmax",
+    "nn",
+    "softmax",
+    "topk_softmax",
+]
 __version__ = "0.1.0"

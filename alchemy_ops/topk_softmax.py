@@ -86,7 +86,9 @@ def topk_softmax(
     """
     logits = _checks.check_tensor("logits", logits)
     if not logits.is_floating_point():
-        raise TypeError(f"alchemy_ops: topk_softmax needs floating-point logits, got {logits.dtype}; cast with .float()")
+        raise TypeError(
+            f"alchemy_ops: topk_softmax needs floating-point logits, got {logits.dtype}; cast with .float()"
+        )
     dim = _checks.wrap_dim(dim, logits.dim())
     x = logits.reshape(1) if logits.dim() == 0 else logits
     k = _check_k(k, x.shape[dim])
