@@ -179,6 +179,18 @@ def test_minus_inf_and_rows_with_fewer_than_k_finite_values(backend, renormalize
     torch.testing.assert_close(dx[[0, 2]].double(), dx64[[0, 2]], atol=1e-6, rtol=1e-5)
     assert (dx[0, [0, 2, 4]] == 0).all()
 
+    # Rows long enough for the vectorized CPU selection: 2 finite values, and -inf among finite ones.
+    wide = torch.full((3, 40), -math.inf)
+    wide[0, [5, 33]] = torch.tensor([1.0, 2.0])
+    wide[1] = _logits((40,), seed=8)
+    wide[1, [7, 20]] = -math.inf
+    wide[2, 3:] = _logits((37,), seed=9)
+    for k in (3, 20, 40):
+        w, idx = ao.topk_softmax(wide, k, renormalize=renormalize)
+        w64, idx64 = _oracle(wide, k, renormalize=renormalize)
+        assert torch.equal(idx, idx64)
+        assert_close(w, w64, torch.float32)
+
 
 def test_invariants(backend):
     x = _logits((16, 40), seed=11)
