@@ -7,6 +7,7 @@ from ._checks import DimensionError
 from .cross_entropy import cross_entropy
 from .gumbel_softmax import gumbel_softmax
 from .softmax import log_softmax, softmax
+from .topk_softmax import topk_softmax
 
 __all__ = [
     "available_backends",
@@ -17,5 +18,6 @@ __all__ = [
     "log_softmax",
     "nn",
     "softmax",
+    "topk_softmax",
 ]
 __version__ = "0.1.0"

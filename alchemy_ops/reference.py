@@ -128,3 +128,17 @@ def gumbel_softmax(
     one_hot = torch.zeros_like(soft).scatter_(dim, index, 1.0) if z.dim() else torch.ones_like(soft)
     # + (s - s): exactly 0 for a finite soft sample, so the value stays an exact one-hot; NaN rows stay NaN.
     return one_hot + (soft - soft.detach())
+
+
+def topk_softmax(
+    logits: torch.Tensor, k: int, renormalize: bool, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k softmax along the last dim: a stable descending sort (NaN first, ties to the lowest
+    index), then the softmax of the k selected (``renormalize``) or the full-row softmax gathered."""
+    x = logits.to(acc_dtype(logits.dtype))
+    _, indices = torch.sort(x.detach(), dim=-1, descending=True, stable=True)
+    z = x / temperature
+    indices = indices[..., :k]
+    selected = z.gather(-1, indices)
+    weights = torch.softmax(selected, -1) if renormalize else torch.softmax(z, -1).gather(-1, indices)
+    return weights, indices

@@ -44,6 +44,12 @@ GUMBEL_PRESETS = {
     "quick": ([(4096, 32000)], [torch.float32]),
     "full": ([(4096, 32000), (1024, 131072)], [torch.float32, torch.bfloat16]),
 }
+# Top-k softmax ((shape, k), ...) per preset, fp32 only: a MoE router and a top-k sampling row.
+TOPK_PRESETS = {
+    "tiny": [((64, 1000), 8)],
+    "quick": [((65536, 256), 8), ((64, 131072), 50)],
+    "full": [((65536, 256), 8), ((16384, 2304), 8), ((64, 131072), 50), ((256, 262144), 1000)],
+}
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -77,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     gumbel_shapes, gumbel_dtypes = GUMBEL_PRESETS[args.preset]
     gumbel_dtypes = dtypes if args.dtype else gumbel_dtypes
     cases += case_defs.gumbel_softmax_cases(gumbel_shapes, gumbel_dtypes, args.device, compile_baseline)
+    topk_dtypes = [d for d in dtypes if d == torch.float32]
+    cases += case_defs.topk_softmax_cases(TOPK_PRESETS[args.preset], topk_dtypes, args.device, compile_baseline)
     if args.ops:
         cases = [c for c in cases if c.op in args.ops]
 

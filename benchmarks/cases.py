@@ -175,3 +175,33 @@ def gumbel_softmax_cases(shapes, dtypes, device: str, compile_baseline: bool) ->
                     case.providers["torch.compile"] = runner(torch.compile(theirs, dynamic=False), grad)
                 cases.append(case)
     return cases
+
+
+def _topk_runner(fn, backward: bool, grad: torch.Tensor | None):
+    """fn returns (weights, indices); the weights (and the gradient) are what is compared."""
+    return _runner(lambda t: fn(t)[0], backward, grad)
+
+
+def topk_softmax_cases(shapes_k, dtypes, device: str, compile_baseline: bool) -> list[Case]:
+    """Top-k softmax with renormalisation (MoE routing, top-k sampling) against eager
+    ``softmax -> topk -> renormalise`` and its torch.compile. Bytes that must move: forward reads the
+    logits once; backward writes their gradient (the renormalised gradient needs no second read)."""
+
+    def theirs(t, k):
+        w, i = torch.topk(torch.softmax(t, -1), k, -1)
+        return w / w.sum(-1, keepdim=True), i
+
+    cases = []
+    for shape, k in shapes_k:
+        for dtype in dtypes:
+            for backward in (False, True):
+                grad = torch.randn(*shape[:-1], k, device=device) if backward else None
+                case = Case("topk_softmax", "forward+backward" if backward else "forward", dtype, shape)
+                case.passes = 2 if backward else 1
+                case.providers["alchemy_ops"] = _topk_runner(lambda t, k=k: ao.topk_softmax(t, k), backward, grad)
+                case.providers["torch eager"] = _topk_runner(lambda t, k=k: theirs(t, k), backward, grad)
+                if compile_baseline:
+                    compiled = torch.compile(theirs, dynamic=False)
+                    case.providers["torch.compile"] = _topk_runner(lambda t, k=k, f=compiled: f(t, k), backward, grad)
+                cases.append(case)
+    return cases

@@ -43,6 +43,16 @@ TORCH_LIBRARY(alchemy_ops, m) {
   m.def("philox_uniform(Tensor seed, int offset, int numel) -> Tensor");
   m.def("triton_philox_uniform(Tensor seed, int offset, int numel) -> Tensor");
   m.def("triton_gumbel_softmax_forward(Tensor logits, Tensor seed, int offset, float tau, bool hard, bool keep_soft, int dim) -> (Tensor, Tensor)");
+  // Top-k softmax along the last dim (the Python API moves any other dim there). Returns
+  // (weights [..., k] in the accumulation dtype (fp32; fp64 for fp64), indices [..., k] int64, lse [...]):
+  // sorted by descending logit, NaN first, ties to the lowest index; weights = exp((x - max) / T - lse)
+  // with lse the log-sum-exp of (x - max) / T over the k selected (renormalize) or the whole row;
+  // NaN for a row whose max is NaN or +-inf.
+  m.def("topk_softmax_forward(Tensor logits, int k, bool renormalize, float temperature) -> (Tensor, Tensor, Tensor)");
+  // d sum(grad_weights * weights) / d logits, from the saved logits, weights, indices and lse.
+  m.def("topk_softmax_backward(Tensor grad_weights, Tensor logits, Tensor weights, Tensor indices, Tensor lse, bool renormalize, float temperature) -> Tensor");
+  m.def("triton_topk_softmax_forward(Tensor logits, int k, bool renormalize, float temperature) -> (Tensor, Tensor, Tensor)");
+  m.def("triton_topk_softmax_backward(Tensor grad_weights, Tensor logits, Tensor weights, Tensor indices, Tensor lse, bool renormalize, float temperature) -> Tensor");
 }
 
 #ifndef ALCHEMY_CPU_CAPABILITY

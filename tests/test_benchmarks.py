@@ -11,7 +11,13 @@ def test_benchmark_suite_runs(tmp_path):
     data = json.loads(out.read_text())
     providers = {r["provider"] for r in data["results"]}
     assert providers == {"alchemy_ops", "ao inplace_bw", "torch eager"}
-    assert {r["op"] for r in data["results"]} == {"log_softmax", "softmax", "cross_entropy", "gumbel_softmax"}
+    assert {r["op"] for r in data["results"]} == {
+        "log_softmax",
+        "softmax",
+        "cross_entropy",
+        "gumbel_softmax",
+        "topk_softmax",
+    }
     for r in data["results"]:
         assert r["median_ms"] > 0 and r["cpu_ms"] >= 0 and r["gb_per_s"] > 0 and r["peak_extra_mb"] >= 0
     assert data["machine"]["torch"] and data["copy_bandwidth_gb_s"] > 0
