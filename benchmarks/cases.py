@@ -104,9 +104,10 @@ def _liger_cross_entropy():
     return LigerCrossEntropyLoss()
 
 
-def cross_entropy_cases(shapes, dtypes, device: str, compile_baseline: bool) -> list[Case]:
-    """``F.cross_entropy`` with class-index targets; (N, C, d...) shapes have the class dim at 1.
-    Bytes that must move: forward reads the logits once; backward reads them and writes the gradient."""
+def cross_entropy_cases(shapes, dtypes, device: str, compile_baseline: bool, kdim_dtypes=None) -> list[Case]:
+    """``F.cross_entropy`` with class-index targets; (N, C, d...) shapes have the class dim at 1 and
+    run in ``kdim_dtypes`` (default: all of ``dtypes``). Bytes that must move: forward reads the
+    logits once; backward reads them and writes the gradient."""
     cases = []
     liger = _liger_cross_entropy() if device == "cuda" else None
     for shape in shapes:
@@ -119,7 +120,7 @@ def cross_entropy_cases(shapes, dtypes, device: str, compile_baseline: bool) -> 
         def ours(t, target=target, **kw):
             return ao.cross_entropy(t, target, **kw)
 
-        for dtype in dtypes:
+        for dtype in dtypes if len(shape) == 2 or kdim_dtypes is None else kdim_dtypes:
             for backward in (False, True):
                 case = Case(
                     "cross_entropy", "forward+backward" if backward else "forward", dtype, shape,
