@@ -137,15 +137,9 @@ __device__ __forceinline__ Partial<acc_t> row_reduce(Partial<acc_t> v, bool sums
   if constexpr (kThreads == 1) {
     return v;
   } else {
-    v = warp_reduce(v, sums);
-    if constexpr (kThreads > kWarp) {
-      __shared__ Partial<acc_t> partial[kThreads / kWarp];
-      const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-      if (lane == 0) partial[warp] = v;
-      __syncthreads();
-      v = lane < kThreads / kWarp ? partial[lane] : Partial<acc_t>{empty_stats<acc_t>(), acc_t(0), acc_t(0)};
-      v = warp_reduce(v, sums);
-    } else {
+    v = block_combine<kThreads>(v, Partial<acc_t>{empty_stats<acc_t>(), acc_t(0), acc_t(0)},
+                                [&](Partial<acc_t> p) { return warp_reduce(p, sums); });
+    if constexpr (kThreads <= kWarp) {
       __syncwarp();  // memory order among the lanes, as the block version's barrier
     }
     return v;
@@ -157,15 +151,7 @@ __device__ __forceinline__ acc_t row_sum(acc_t v) {
   if constexpr (kThreads == 1) {
     return v;
   } else {
-    v = warp_sum(v);
-    if constexpr (kThreads > kWarp) {
-      __shared__ acc_t partial[kThreads / kWarp];
-      const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-      if (lane == 0) partial[warp] = v;
-      __syncthreads();
-      v = warp_sum(lane < kThreads / kWarp ? partial[lane] : acc_t(0));
-    }
-    return v;
+    return block_combine<kThreads>(v, acc_t(0), [](acc_t s) { return warp_sum(s); });
   }
 }
 

@@ -22,4 +22,22 @@ struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
+#if defined(__CUDACC__)
+// Combines one value per thread over the kThreads threads of a row (a warp, or a block of
+// whole warps): warp_combine within each warp, then across the warps' results through
+// shared memory. `identity` fills the lanes past the last warp.
+template <int kThreads, typename T, typename WarpCombine>
+__device__ __forceinline__ T block_combine(T v, const T& identity, const WarpCombine& warp_combine) {
+  v = warp_combine(v);
+  if constexpr (kThreads > kWarp) {
+    __shared__ T partial[kThreads / kWarp];
+    const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    v = warp_combine(lane < kThreads / kWarp ? partial[lane] : identity);
+  }
+  return v;
+}
+#endif
+
 }  // namespace alchemy::cuda

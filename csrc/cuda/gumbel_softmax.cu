@@ -17,13 +17,11 @@
 #include <alchemy/online_softmax.h>
 #include <alchemy/philox.h>
 
+#include "cuda_common.cuh"
+
 namespace alchemy::cuda {
 namespace {
 
-template <typename T>
-using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-constexpr int kWarp = 32;
 constexpr int kBlockThreads = 512;    // block-per-row kernel
 constexpr int kWarpRowsPerBlock = 4;  // warp-per-row kernel: 4 rows per 128-thread block
 constexpr int64_t kWarpRowMaxClasses = 1024;
@@ -74,16 +72,8 @@ __device__ __forceinline__ GumbelStats<acc_t> warp_merge(GumbelStats<acc_t> s, a
 // Merges over the kThreads threads of a row: one warp, or the whole block.
 template <int kThreads, typename acc_t>
 __device__ GumbelStats<acc_t> row_merge(GumbelStats<acc_t> s, acc_t inv_t) {
-  s = warp_merge(s, inv_t);
-  if constexpr (kThreads > kWarp) {
-    __shared__ GumbelStats<acc_t> partial[kThreads / kWarp];
-    const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-    if (lane == 0) partial[warp] = s;
-    __syncthreads();
-    s = lane < kThreads / kWarp ? partial[lane] : empty_gumbel_stats<acc_t>();
-    s = warp_merge(s, inv_t);
-  }
-  return s;
+  return block_combine<kThreads>(s, empty_gumbel_stats<acc_t>(),
+                                 [&](GumbelStats<acc_t> v) { return warp_merge(v, inv_t); });
 }
 
 template <typename scalar_t, typename acc_t>

@@ -52,16 +52,8 @@ __device__ __forceinline__ acc_t warp_sum(acc_t v, int width) {
 // Reduces over the kThreads threads of a row: one warp, or the whole block.
 template <int kThreads, typename acc_t>
 __device__ SoftmaxStats<acc_t> row_merge(SoftmaxStats<acc_t> st, acc_t inv_t) {
-  st = warp_merge(st, inv_t, kWarp);
-  if constexpr (kThreads > kWarp) {
-    __shared__ SoftmaxStats<acc_t> partial[kThreads / kWarp];
-    const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-    if (lane == 0) partial[warp] = st;
-    __syncthreads();
-    st = lane < kThreads / kWarp ? partial[lane] : empty_stats<acc_t>();
-    st = warp_merge(st, inv_t, kWarp);
-  }
-  return st;
+  return block_combine<kThreads>(st, empty_stats<acc_t>(),
+                                 [&](SoftmaxStats<acc_t> s) { return warp_merge(s, inv_t, kWarp); });
 }
 
 template <int kThreads, typename acc_t>

@@ -23,13 +23,11 @@
 #include <alchemy/topk_softmax.h>
 #include <alchemy/topk_softmax_host.h>
 
+#include "cuda_common.cuh"
+
 namespace alchemy::cuda {
 namespace {
 
-template <typename T>
-using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-constexpr int kWarp = 32;
 constexpr int kBlockThreads = 512;
 constexpr int kWarpRowsPerBlock = 8;  // 256 threads: at 128, ptxas spills the fp64 kernels (exp slow path)
 constexpr int64_t kWarpRowMaxClasses = 4096;
