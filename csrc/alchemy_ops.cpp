@@ -31,6 +31,19 @@ TORCH_LIBRARY(alchemy_ops, m) {
   m.def("triton_cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, Tensor lse, int ignore_index, float label_smoothing, float z_loss, float softcap) -> Tensor");
   m.def("triton_cross_entropy_forward_inplace(Tensor(a!) input, Tensor target, Tensor? weight, Tensor grad_scale, int ignore_index, float label_smoothing, float z_loss, float softcap, bool check_target) -> (Tensor, Tensor)");
 
+  // Vocab-parallel cross-entropy, one shard of the classes: columns [class_start, class_start + C)
+  // of a vocabulary split over ranks (alchemy/cross_entropy_shard.h). input [N, C]; target int64
+  // [N], global class indices or ignore_index (others are the caller's to check); weight [C],
+  // this shard's class weights in the accumulation dtype. stats: [N, 6] in the accumulation
+  // dtype, the ShardStat columns per position (zeros but the weight sum where ignored), for the
+  // caller to all-gather and combine. backward: dx = (coeffs[:, 0] * exp(z - lse)
+  // - coeffs[:, 1] * w - [class == target] coeffs[:, 2]) * dz/dx, 0 where ignored; lse [N] fp64
+  // (the whole vocabulary's), coeffs [N, 3] in the accumulation dtype.
+  m.def("cross_entropy_shard_stats(Tensor input, Tensor target, Tensor? weight, int class_start, int ignore_index, float softcap, bool smoothing) -> Tensor");
+  m.def("cross_entropy_shard_backward(Tensor input, Tensor target, Tensor? weight, Tensor lse, Tensor coeffs, int class_start, int ignore_index, float softcap) -> Tensor");
+  m.def("triton_cross_entropy_shard_stats(Tensor input, Tensor target, Tensor? weight, int class_start, int ignore_index, float softcap, bool smoothing) -> Tensor");
+  m.def("triton_cross_entropy_shard_backward(Tensor input, Tensor target, Tensor? weight, Tensor lse, Tensor coeffs, int class_start, int ignore_index, float softcap) -> Tensor");
+
   // Gumbel-softmax sample softmax((logits + g) / tau) along dim, g = -log(-log(u)) with u the
   // Philox4x32-10 uniform of Triton's tl.rand(seed, offset + logical index) (alchemy/philox.h);
   // seed: int64 [1] on the logits' device. Returns (y, y_soft), contiguous: y is the soft sample,
