@@ -63,7 +63,7 @@ void launch_stats(const ShardProblem& p, at::Tensor& out, bool smoothing) {
     s[kShardLogSum] = shard_log_sum(row);
     s[kShardTargetLogit] = column >= 0 ? static_cast<acc_t>(z[column]) : acc_t(0);
     s[kShardTargetWeight] = column >= 0 ? weight_at(w, column) : acc_t(0);
-    s[kShardSmoothingSum] = smoothing ? shifted_weighted_sum(z, w, p.classes, row.max) : acc_t(0);
+    s[kShardSmoothingSum] = smoothing ? shifted_weighted_sum(z, w, p.classes, finite_shift(row.max)) : acc_t(0);
   });
 }
 

@@ -10,10 +10,12 @@
 //   log_sum log sum_c exp(z_c - max): -inf for a shard of -inf logits (its lse is -inf, a
 //           neutral element of the merge), NaN for NaN or +inf logits
 //   z_y,w_y z and w at the target class, 0 when the target is in another shard
-//   s       sum_c w_c (z_c - max), only with label smoothing (else 0)
+//   s       sum_c w_c (z_c - m), only with label smoothing (else 0), m = finite_shift(max):
+//           0 for a shard of -inf logits, whose sum is then -inf (NaN with a zero weight),
+//           as PyTorch's smoothing term is
 //   W       sum_c w_c, the shard's share of the smoothing mass
 // so that lse = logsumexp over shards of (max + log_sum), and the smoothing sum
-// sum_c w_c (lse - z_c) = sum over shards of W (lse - max) - s.
+// sum_c w_c (lse - z_c) = sum over shards of W (lse - m) - s.
 //
 // Gradient wrt z_c, with g the upstream gradient and the coefficients formed from the
 // whole vocabulary's lse, w_y and W (see cross_entropy.h):
