@@ -1,6 +1,6 @@
 """alchemy_ops: fused, numerically stable softmax-family kernels for PyTorch (CPU, CUDA, Triton)."""
 
-from . import _extension, _ops, nn  # noqa: F401  (operators, fake kernels, autograd)
+from . import _extension, _ops, distributed, nn  # noqa: F401  (operators, fake kernels, autograd)
 from . import triton as _triton  # noqa: F401  (registers the triton_* kernels when triton is installed)
 from ._backend import available_backends, backend
 from ._checks import DimensionError
@@ -14,6 +14,7 @@ __all__ = [
     "backend",
     "cross_entropy",
     "DimensionError",
+    "distributed",
     "gumbel_softmax",
     "log_softmax",
     "nn",

@@ -156,3 +156,17 @@ _register_cross_entropy(
     "alchemy_ops::triton_cross_entropy_backward",
     "alchemy_ops::triton_cross_entropy_forward_inplace",
 )
+
+
+def _shard_stats_fake(input, target, weight, class_start, ignore_index, softcap, smoothing):
+    return input.new_empty((input.shape[0], 6), dtype=_acc_dtype(input.dtype))
+
+
+def _shard_backward_fake(input, target, weight, lse, coeffs, class_start, ignore_index, softcap):
+    return input.new_empty(input.shape)
+
+
+# No autograd formula: alchemy_ops.distributed differentiates through the collective itself.
+for _prefix in ("", "triton_"):
+    torch.library.register_fake(f"alchemy_ops::{_prefix}cross_entropy_shard_stats", _shard_stats_fake)
+    torch.library.register_fake(f"alchemy_ops::{_prefix}cross_entropy_shard_backward", _shard_backward_fake)

@@ -47,9 +47,7 @@ def cross_entropy(
 ) -> torch.Tensor:
     """``F.cross_entropy`` in the accumulation dtype, with the z-loss and softcap extras."""
     acc = acc_dtype(input.dtype)
-    z = input.to(acc)
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
+    z = _capped(input, softcap or 0.0)
     w = None if weight is None else weight.to(acc)
     soft = target.is_floating_point()
     loss = torch.nn.functional.cross_entropy(
@@ -142,3 +140,69 @@ def topk_softmax(
     selected = z.gather(-1, indices)
     weights = torch.softmax(selected, -1) if renormalize else torch.softmax(z, -1).gather(-1, indices)
     return weights, indices
+
+
+def _capped(input: torch.Tensor, softcap: float) -> torch.Tensor:
+    z = input.to(acc_dtype(input.dtype))
+    return softcap * torch.tanh(z / softcap) if softcap > 0 else z
+
+
+def cross_entropy_shard_stats(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    class_start: int,
+    ignore_index: int,
+    softcap: float,
+    smoothing: bool,
+) -> torch.Tensor:
+    """The [N, 6] statistics of one shard of the classes (csrc/include/alchemy/cross_entropy_shard.h):
+    max, log-sum-exp relative to it, target logit, target weight, smoothing sum, weight sum."""
+    z = _capped(input, softcap)
+    rows, classes = z.shape
+    w = torch.ones(classes, dtype=z.dtype, device=z.device) if weight is None else weight.to(z.dtype)
+    top = z.amax(1) if classes and rows else z.new_empty(rows)
+    shift = top.masked_fill(top == -math.inf, 0)
+    log_sum = (z - shift[:, None]).exp().sum(1).log().masked_fill(top == -math.inf, -math.inf)
+    column = target - class_start
+    ignored = target == ignore_index
+    owned = (column >= 0) & (column < classes) & ~ignored
+    safe = column.clamp(0, classes - 1)
+    stats = torch.stack(
+        [
+            top,
+            log_sum,
+            z.gather(1, safe[:, None]).squeeze(1).masked_fill(~owned, 0),
+            w[safe].masked_fill(~owned, 0),
+            (w * (z - shift[:, None])).sum(1) if smoothing else torch.zeros_like(top),
+            w.sum().expand(rows),
+        ],
+        1,
+    )
+    stats[:, :5].masked_fill_(ignored[:, None], 0)
+    return stats
+
+
+def cross_entropy_shard_backward(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    lse: torch.Tensor,
+    coeffs: torch.Tensor,
+    class_start: int,
+    ignore_index: int,
+    softcap: float,
+) -> torch.Tensor:
+    """d loss / d input of one shard: (k0 exp(z - lse) - k1 w - [class == target] k2) dz/dx, per row
+    k = coeffs[r]; 0 where ignored. Computed in fp64, rounded once to the input dtype."""
+    x = input.double()
+    z = _capped(x, softcap)
+    classes = z.shape[1]
+    w = torch.ones(classes, dtype=z.dtype, device=z.device) if weight is None else weight.double()
+    k = coeffs.double()
+    column = target - class_start
+    at_target = torch.arange(classes, device=z.device)[None, :] == column[:, None]
+    d = k[:, :1] * (z - lse.double()[:, None]).exp() - k[:, 1:2] * w - at_target * k[:, 2:3]
+    if softcap > 0:
+        d = d * (1 - torch.tanh(x / softcap) ** 2)
+    return d.masked_fill((target == ignore_index)[:, None], 0).to(input.dtype)
