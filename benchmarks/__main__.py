@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from . import cases as case_defs
+from .distributed import print_distributed_table, run_distributed_cases
 from .harness import copy_bandwidth, machine, peak_extra_memory, time_fn
 from .training import print_training_table, run_training_cases
 
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
-    p.add_argument("--ops", nargs="*", default=None, help="e.g. log_softmax softmax")
+    p.add_argument("--ops", nargs="*", default=None, help="e.g. log_softmax softmax distributed")
     p.add_argument("--dtype", nargs="*", default=None, help="e.g. float32 bfloat16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
@@ -128,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     _print_table(rows)
     steps = [] if args.ops else run_training_cases(args.preset, args.device, warmup, reps)
     print_training_table(steps)
+    parallel = run_distributed_cases(args.preset, warmup, reps) if not args.ops or "distributed" in args.ops else []
+    print_distributed_table(parallel)
     # Runs with and without PyTorch's huge-page allocations are kept apart: they differ a lot here.
     suffix = "-thp" if info["THP_MEM_ALLOC_ENABLE"] == "1" else ""
     out = args.output or RESULTS / f"{args.preset}{suffix}.json"
@@ -141,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                 "seconds": time.perf_counter() - started,
                 "results": rows,
                 "training_steps": steps,
+                "distributed": parallel,
             },
             indent=1,
         )

@@ -26,3 +26,6 @@ def test_benchmark_suite_runs(tmp_path):
     steps = data["training_steps"]
     assert {s["provider"] for s in steps} == {"alchemy_ops", "torch"}
     assert all(s["step_ms"] > 0 and 0 < s["loss_share"] for s in steps)
+    parallel = data["distributed"]
+    assert {r["provider"] for r in parallel} == {"alchemy_ops", "Megatron-style"}
+    assert all(r["median_ms"] > 0 and r["world"] == 2 for r in parallel)
