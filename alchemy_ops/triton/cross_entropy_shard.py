@@ -95,7 +95,6 @@ def _shard_stats_kernel(
     nans = tl.zeros((), tl.int32)  # NaN logits: the max is NaN, as the CPU and CUDA kernels' nan_max
     for start in range(0, classes, BLOCK):
         cols = _cols(start, BLOCK, WIDE)
-        mask = cols < classes
         live = cols < limit
         x = tl.load(x_row + cols, mask=live, other=float("-inf")).to(softcap.dtype)
         z = tl.where(live, _capped(x, softcap, SOFTCAP, LIBDEVICE), float("-inf"))  # tanh(-inf) is -1
