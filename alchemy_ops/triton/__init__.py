@@ -7,4 +7,4 @@ except ImportError:
     TRITON_AVAILABLE = False
 else:
     TRITON_AVAILABLE = True
-    from . import cross_entropy, gumbel_softmax, softmax, topk_softmax  # noqa: F401
+    from . import cross_entropy, cross_entropy_shard, gumbel_softmax, softmax, topk_softmax  # noqa: F401

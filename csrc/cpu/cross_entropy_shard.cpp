@@ -3,7 +3,6 @@
 // statistics (the target logit and smoothing sum while it is in cache) and once more,
 // with the write of its gradient, in backward. Softcapped rows go through a per-thread
 // buffer of capped logits, as in cross_entropy.cpp.
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
@@ -93,38 +92,24 @@ void launch_backward(const ShardProblem& p, const at::Tensor& lse_t, const at::T
   });
 }
 
-template <typename Launch>
-void dispatch_dtype(const ShardProblem& p, const Launch& launch) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "alchemy_cross_entropy_shard",
-                                  [&] { launch(scalar_t{}); });
-}
-
-at::Tensor cross_entropy_shard_stats(const at::Tensor& input, const at::Tensor& target,
-                                     const std::optional<at::Tensor>& weight, int64_t class_start,
-                                     int64_t ignore_index, double softcap, bool smoothing) {
-  const ShardProblem p = make_shard_problem(input, target, weight, class_start, ignore_index, softcap);
-  return cross_entropy_shard_stats_host(p, smoothing, [](const ShardProblem& q, at::Tensor& out, bool s) {
-    dispatch_dtype(q, [&](auto tag) { launch_stats<decltype(tag)>(q, out, s); });
-  });
-}
-
-at::Tensor cross_entropy_shard_backward(const at::Tensor& input, const at::Tensor& target,
-                                        const std::optional<at::Tensor>& weight, const at::Tensor& lse,
-                                        const at::Tensor& coeffs, int64_t class_start, int64_t ignore_index,
-                                        double softcap) {
-  const ShardProblem p = make_shard_problem(input, target, weight, class_start, ignore_index, softcap);
-  return cross_entropy_shard_backward_host(
-      p, lse, coeffs, [](const ShardProblem& q, const at::Tensor& l, const at::Tensor& k, at::Tensor& dx) {
-        advise_huge_pages(dx);
-        dispatch_dtype(q, [&](auto tag) { launch_backward<decltype(tag)>(q, l, k, dx); });
-      });
-}
+struct CpuKernels {
+  using Guard = NoDeviceGuard;
+  template <typename scalar_t>
+  static void stats(const ShardProblem& p, at::Tensor& out, bool smoothing) {
+    launch_stats<scalar_t>(p, out, smoothing);
+  }
+  template <typename scalar_t>
+  static void backward(const ShardProblem& p, const at::Tensor& lse, const at::Tensor& coeffs, at::Tensor& dx) {
+    advise_huge_pages(dx);
+    launch_backward<scalar_t>(p, lse, coeffs, dx);
+  }
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(alchemy_ops, CPU, m) {
-  m.impl("cross_entropy_shard_stats", &cross_entropy_shard_stats);
-  m.impl("cross_entropy_shard_backward", &cross_entropy_shard_backward);
+  m.impl("cross_entropy_shard_stats", &ShardOps<CpuKernels>::stats);
+  m.impl("cross_entropy_shard_backward", &ShardOps<CpuKernels>::backward);
 }
 
 }  // namespace alchemy::cpu

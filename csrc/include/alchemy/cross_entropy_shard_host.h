@@ -1,6 +1,8 @@
 #pragma once
 // Host-side body of the cross_entropy_shard_* operators, shared by the CPU and CUDA
-// registrations: argument checks, rows with unit class stride, output allocation.
+// registrations: argument checks, rows with unit class stride, output allocation, dtype
+// dispatch (ShardOps).
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
@@ -77,5 +79,44 @@ at::Tensor cross_entropy_shard_backward_host(const ShardProblem& p, const at::Te
   backward(p, lse.to(at::kDouble).contiguous(), coeffs.to(p.acc_dtype()).contiguous(), dx);
   return dx;
 }
+
+// The two operators over one device's kernels, for TORCH_LIBRARY_IMPL:
+//   typename Kernels::Guard guard(device)                       held for the call
+//   Kernels::stats<scalar_t>(p, out, smoothing)                 fills stats as above
+//   Kernels::backward<scalar_t>(p, lse, coeffs, dx)             fills dx as above
+template <typename Kernels>
+struct ShardOps {
+  static at::Tensor stats(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                          int64_t class_start, int64_t ignore_index, double softcap, bool smoothing) {
+    const typename Kernels::Guard guard(input.device());
+    const ShardProblem p = make_shard_problem(input, target, weight, class_start, ignore_index, softcap);
+    return cross_entropy_shard_stats_host(p, smoothing, [](const ShardProblem& q, at::Tensor& out, bool s) {
+      dispatch(q, [&](auto tag) { Kernels::template stats<decltype(tag)>(q, out, s); });
+    });
+  }
+
+  static at::Tensor backward(const at::Tensor& input, const at::Tensor& target,
+                             const std::optional<at::Tensor>& weight, const at::Tensor& lse, const at::Tensor& coeffs,
+                             int64_t class_start, int64_t ignore_index, double softcap) {
+    const typename Kernels::Guard guard(input.device());
+    const ShardProblem p = make_shard_problem(input, target, weight, class_start, ignore_index, softcap);
+    return cross_entropy_shard_backward_host(
+        p, lse, coeffs, [](const ShardProblem& q, const at::Tensor& l, const at::Tensor& k, at::Tensor& dx) {
+          dispatch(q, [&](auto tag) { Kernels::template backward<decltype(tag)>(q, l, k, dx); });
+        });
+  }
+
+ private:
+  template <typename Launch>
+  static void dispatch(const ShardProblem& p, const Launch& launch) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "alchemy_cross_entropy_shard",
+                                    [&] { launch(scalar_t{}); });
+  }
+};
+
+// Kernels::Guard of a device that needs none (CPU).
+struct NoDeviceGuard {
+  explicit NoDeviceGuard(const c10::Device&) {}
+};
 
 }  // namespace alchemy
