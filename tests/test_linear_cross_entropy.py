@@ -154,10 +154,10 @@ def test_chunk_sizes(backend, chunk_size, mode):
 
 def test_default_chunk_size_rule():
     assert lce.default_chunk_size(8192, 1024, 32000) == 256  # ceil(32000 / 1024) = 32: 8192 / 32
-    assert lce.default_chunk_size(8192, 4096, 128256) == 256  # ceil(N / 32) = 256
+    assert lce.default_chunk_size(65536, 4096, 128256) == 2048  # ceil(V / H) = 32
     assert lce.default_chunk_size(5000, 1000, 3000) == 2048  # next power of two of ceil(5000 / 3)
-    assert lce.default_chunk_size(100, 1024, 128000) == 64  # at least MIN_CHUNK_ROWS...
-    assert lce.default_chunk_size(10, 1024, 128000) == 10  # ...but never more than N
+    assert lce.default_chunk_size(2048, 1024, 128000) == 256  # at least MIN_CHUNK_ROWS = 256...
+    assert lce.default_chunk_size(100, 1024, 128000) == 100  # ...but never more than N
     assert lce.default_chunk_size(300, 64, 10) == 300  # V <= H: one chunk
     assert lce.default_chunk_size(0, 8, 8) == 1
 
