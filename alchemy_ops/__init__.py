@@ -6,6 +6,7 @@ from ._backend import available_backends, backend
 from ._checks import DimensionError
 from .cross_entropy import cross_entropy
 from .gumbel_softmax import gumbel_softmax
+from .linear_cross_entropy import linear_cross_entropy
 from .softmax import log_softmax, softmax
 from .topk_softmax import topk_softmax
 
@@ -16,6 +17,7 @@ __all__ = [
     "DimensionError",
     "distributed",
     "gumbel_softmax",
+    "linear_cross_entropy",
     "log_softmax",
     "nn",
     "softmax",

@@ -36,47 +36,69 @@ def _check_number(name: str, value: object, low: float, high: float = math.inf) 
 def _check_arguments(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap):
     """Every check that needs no look at the values, with the message that says what to do."""
     input = _checks.check_tensor("input", input)
-    target = _checks.check_tensor("target", target)
     if not input.is_floating_point():
         raise TypeError(
             f"alchemy_ops: cross_entropy input must be floating-point, got {input.dtype}; cast with .float()"
         )
     if input.dim() == 0:
         raise ValueError("alchemy_ops: cross_entropy input must have a class dim: shape (C), (N, C) or (N, C, d1, ...)")
-    classes = input.shape[_class_dim(input)]
+    checked = check_loss_arguments(
+        input.shape, input.dtype, input.device, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+        softcap,
+    )  # fmt: skip
+    return (input, *checked)
+
+
+def check_loss_arguments(
+    shape: torch.Size,
+    dtype: torch.dtype,
+    device: torch.device,
+    target,
+    weight,
+    ignore_index,
+    reduction,
+    label_smoothing,
+    z_loss,
+    softcap,
+    weight_name: str = "weight",
+):
+    """The checks of every argument but the logits, against logits of this shape, dtype and device
+    (``linear_cross_entropy`` runs them before its logits exist). Returns (target, weight,
+    ignore_index, label_smoothing, z_loss, softcap) normalized: a probability target in ``dtype``,
+    class indices as int64, numbers as Python floats and ints."""
+    target = _checks.check_tensor("target", target)
+    classes = shape[1 if len(shape) > 1 else 0]
     if classes == 0:
-        raise ValueError(f"alchemy_ops: cross_entropy needs at least one class; input has shape {tuple(input.shape)}")
-    if target.device != input.device:
-        raise ValueError(
-            f"alchemy_ops: target is on {target.device} but input is on {input.device}; move it with .to()"
-        )
-    positions = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
+        raise ValueError(f"alchemy_ops: cross_entropy needs at least one class; the logits have shape {tuple(shape)}")
+    if target.device != device:
+        raise ValueError(f"alchemy_ops: target is on {target.device} but input is on {device}; move it with .to()")
+    positions = shape[:1] + shape[2:] if len(shape) > 1 else torch.Size([])
     if target.is_floating_point():
-        if target.shape != input.shape:
+        if target.shape != shape:
             raise TypeError(
-                f"alchemy_ops: a floating-point target is read as class probabilities and must have the input's "
-                f"shape {tuple(input.shape)}, got {tuple(target.shape)}; for class indices cast target with .long()"
+                f"alchemy_ops: a floating-point target is read as class probabilities and must have the logits' "
+                f"shape {tuple(shape)}, got {tuple(target.shape)}; for class indices cast target with .long()"
             )
-        target = target.to(input.dtype)
+        target = target.to(dtype)
     elif target.dtype == torch.bool or target.is_complex():
         raise TypeError(f"alchemy_ops: target must hold class indices (int64), got {target.dtype}; cast with .long()")
     else:
         if target.shape != positions:
             raise ValueError(
-                f"alchemy_ops: for input of shape {tuple(input.shape)} the class-index target must have shape "
+                f"alchemy_ops: for logits of shape {tuple(shape)} the class-index target must have shape "
                 f"{tuple(positions)}, got {tuple(target.shape)}"
             )
         target = target.long()
     if weight is not None:
-        weight = _checks.check_tensor("weight", weight)
+        weight = _checks.check_tensor(weight_name, weight)
         if not weight.is_floating_point():
-            raise TypeError(f"alchemy_ops: weight must be floating-point, got {weight.dtype}")
+            raise TypeError(f"alchemy_ops: {weight_name} must be floating-point, got {weight.dtype}")
         if weight.shape != (classes,):
             raise ValueError(
-                f"alchemy_ops: weight must have shape ({classes},) (one per class), got {tuple(weight.shape)}"
+                f"alchemy_ops: {weight_name} must have shape ({classes},) (one per class), got {tuple(weight.shape)}"
             )
-        if weight.device != input.device:
-            raise ValueError(f"alchemy_ops: weight is on {weight.device} but input is on {input.device}")
+        if weight.device != device:
+            raise ValueError(f"alchemy_ops: {weight_name} is on {weight.device} but input is on {device}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"alchemy_ops: ignore_index must be an int, got {type(ignore_index).__name__}")
     if reduction not in REDUCTIONS:
@@ -87,7 +109,7 @@ def _check_arguments(input, target, weight, ignore_index, reduction, label_smoot
         softcap = _check_number("softcap", softcap, 0.0)
         if softcap == 0:
             raise ValueError("alchemy_ops: softcap must be > 0 (or None for no softcap)")
-    return input, target, weight, int(ignore_index), label_smoothing, z_loss, softcap
+    return target, weight, int(ignore_index), label_smoothing, z_loss, softcap
 
 
 def check_class_targets(target: torch.Tensor, classes: int, ignore_index: int) -> None:
@@ -101,7 +123,7 @@ def check_class_targets(target: torch.Tensor, classes: int, ignore_index: int) -
         )
 
 
-def _reduce(loss: torch.Tensor, target, weight, ignore_index: int, classes: int, reduction: str, dtype):
+def reduce_loss(loss: torch.Tensor, target, weight, ignore_index: int, classes: int, reduction: str, dtype):
     if reduction == "none":
         return loss.to(dtype)
     total = loss.sum()
@@ -130,7 +152,7 @@ class _CrossEntropyInplaceBackward(torch.autograd.Function):
         torch.autograd.graph.increment_version(input)
         ctx.save_for_backward(input)  # now the gradient
         ctx.reduction = reduction
-        return _reduce(loss, target, weight, ignore_index, classes, reduction, input.dtype)
+        return reduce_loss(loss, target, weight, ignore_index, classes, reduction, input.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -203,4 +225,4 @@ def cross_entropy(
         )
     op = ops.cross_entropy_forward if which == "cpp" else ops.triton_cross_entropy_forward
     loss, _ = op(input, target, acc_weight, ignore_index, label_smoothing, z_loss, cap, check_target)
-    return _reduce(loss, target, acc_weight, ignore_index, classes, reduction, input.dtype)
+    return reduce_loss(loss, target, acc_weight, ignore_index, classes, reduction, input.dtype)

@@ -45,6 +45,14 @@ TOPK_PRESETS = {
     "quick": [((65536, 256), 8), ((64, 131072), 50)],
     "full": [((65536, 256), 8), ((16384, 2304), 8), ((64, 131072), 50), ((256, 262144), 1000)],
 }
+# linear_cross_entropy: (tokens, hidden, vocabulary) shapes, dtypes. Compute-bound: 6 N H V flops per
+# call (1.2 s for the quick shape at ~170 GFLOP/s on 2 cores): 8192 tokens would take ~6 s per call,
+# over a minute per provider, so the quick preset has 1024 and the full one the LLM-sized shapes.
+LCE_PRESETS = {
+    "tiny": ([(64, 32, 1000)], [torch.float32]),
+    "quick": ([(1024, 1024, 32000)], [torch.float32]),
+    "full": ([(8192, 1024, 32000), (8192, 2048, 128000)], [torch.float32, torch.bfloat16]),
+}
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -82,11 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     cases += case_defs.gumbel_softmax_cases(gumbel_shapes, gumbel_dtypes, args.device, compile_baseline)
     topk_dtypes = [d for d in dtypes if d == torch.float32]
     cases += case_defs.topk_softmax_cases(TOPK_PRESETS[args.preset], topk_dtypes, args.device, compile_baseline)
+    lce_shapes, lce_dtypes = LCE_PRESETS[args.preset]
+    lce_dtypes = dtypes if args.dtype else lce_dtypes
+    cases += case_defs.linear_cross_entropy_cases(lce_shapes, lce_dtypes, args.device, compile_baseline)
     if args.ops:
         cases = [c for c in cases if c.op in args.ops]
 
     info = machine()
-    largest = max(torch.Size(c.shape).numel() * c.dtype.itemsize for c in cases)
+    largest = max(torch.Size(c.x_shape).numel() * c.dtype.itemsize for c in cases)
     bandwidth = copy_bandwidth(max(largest, 1 << 26), args.device)
     print(
         f"machine: {info['cpu']} | {info['cores']} cores, {info['torch_threads']} torch threads | torch {info['torch']}"
@@ -97,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     for i, case in enumerate(cases, 1):
         gen = torch.Generator(device=args.device).manual_seed(0)
-        x = torch.randn(case.shape, device=args.device, dtype=case.dtype, generator=gen) * 3
+        x = torch.randn(case.x_shape, device=args.device, dtype=case.dtype, generator=gen) * 3
         must_move = case.passes * x.numel() * x.element_size()
         reference = None
         for provider, fn in case.providers.items():
@@ -116,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                 "median_ms": t.median_s * 1e3, "p20_ms": t.p20_s * 1e3, "p80_ms": t.p80_s * 1e3,
                 "cpu_ms": t.cpu_s * 1e3, "cpu_per_wall": t.cpu_per_wall,
                 "gb_per_s": must_move / t.median_s / 1e9, "roofline": must_move / t.median_s / bandwidth,
+                "gflop_per_s": case.flops / t.median_s / 1e9 if case.flops else None,
                 "peak_extra_mb": extra / 1e6, "peak_extra_x_input": extra / (x.numel() * x.element_size()),
             })  # fmt: skip
     print(f"\r{' ' * 80}\r", end="", file=sys.stderr)
@@ -160,21 +172,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print_table(rows: list[dict]) -> None:
+    cases = [f"{r['op']} {r['mode']} {r['dtype']} {'x'.join(map(str, r['shape']))}" for r in rows]
+    width = max([50, *map(len, cases)])
     header = (
-        f"{'case':<50} {'provider':<14} {'median ms':>9} {'p20-p80 ms':>15} {'cpu/wall':>8} {'GB/s':>6} "
-        f"{'roofline':>8} {'mem x in':>8} {'ours x faster':>13}"
+        f"{'case':<{width}} {'provider':<14} {'median ms':>9} {'p20-p80 ms':>15} {'cpu/wall':>8} {'GB/s':>6} "
+        f"{'roofline':>8} {'GFLOP/s':>7} {'mem x in':>8} {'ours x faster':>13}"
     )
     last = None
-    for r in rows:
-        case = f"{r['op']} {r['mode']} {r['dtype']} {'x'.join(map(str, r['shape']))}"
+    for r, case in zip(rows, cases, strict=True):
         if case != last:
             print("\n" + header if last is None else "")
             last = case
         speed = "" if r["provider"] == "alchemy_ops" else f"{r['alchemy_speedup']:.2f}x"
+        gflops = "" if r["gflop_per_s"] is None else f"{r['gflop_per_s']:.0f}"
         print(
-            f"{case:<50} {r['provider']:<14} {r['median_ms']:>9.1f} {r['p20_ms']:>7.1f}-{r['p80_ms']:<7.1f} "
-            f"{r['cpu_per_wall']:>8.2f} {r['gb_per_s']:>6.1f} {r['roofline']:>8.0%} {r['peak_extra_x_input']:>8.2f} "
-            f"{speed:>13}"
+            f"{case:<{width}} {r['provider']:<14} {r['median_ms']:>9.1f} {r['p20_ms']:>7.1f}-{r['p80_ms']:<7.1f} "
+            f"{r['cpu_per_wall']:>8.2f} {r['gb_per_s']:>6.1f} {r['roofline']:>8.0%} {gflops:>7} "
+            f"{r['peak_extra_x_input']:>8.2f} {speed:>13}"
         )
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 import alchemy_ops as ao
+from alchemy_ops.linear_cross_entropy import default_chunk_size
 
 
 @dataclass
@@ -17,11 +19,15 @@ class Case:
     mode: str  # "forward" or "forward+backward"
     dtype: torch.dtype
     shape: tuple[int, ...]
-    # provider name -> fn(x) returning (output, grad or None)
-    providers: dict[str, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]] = field(
-        default_factory=dict
-    )
-    passes: int = 2  # logits-sized tensors that must be read or written
+    # provider name -> fn(x) returning (output, grad or None, ...): what is compared across providers
+    providers: dict[str, Callable[[torch.Tensor], tuple[torch.Tensor | None, ...]]] = field(default_factory=dict)
+    passes: float = 2  # input-sized tensors that must be read or written
+    input_shape: tuple[int, ...] | None = None  # the x given to the providers, when it is not `shape`
+    flops: float = 0.0  # arithmetic of a compute-bound case (matmuls); 0: memory-bound, judged by its roofline
+
+    @property
+    def x_shape(self) -> tuple[int, ...]:
+        return self.input_shape or self.shape
 
     @property
     def name(self) -> str:
@@ -206,3 +212,64 @@ def topk_softmax_cases(shapes_k, dtypes, device: str, compile_baseline: bool) ->
                     case.providers["torch.compile"] = _topk_runner(lambda t, k=k, f=compiled: f(t, k), backward, grad)
                 cases.append(case)
     return cases
+
+
+def linear_cross_entropy_cases(shapes, dtypes, device: str, compile_baseline: bool) -> list[Case]:
+    """The LM head and its loss, ``cross_entropy(linear(x, W), target)`` forward+backward with the
+    gradients of x and W, for (tokens, hidden, vocabulary) shapes; x is the hidden states, W and the
+    targets are fixed per case. Against the unfused eager composition, PyTorch's own
+    ``F.linear_cross_entropy`` (options=None: the same composition; and its chunked path with as many
+    rows per chunk as ours, so both hold the same logits) and torch.compile of the unfused composition.
+    (``LinearCrossEntropyOptions()``'s automatic choice is tuned for CUDA: 16-row chunks for the
+    quick shape on CPU, 4x slower than eager there.)
+
+    Compute-bound: 3 matmuls of 2 N H V flops each (``flops``). The bytes that must move are only x
+    and W read, their gradients written: ``passes = 2 (1 + V / N)`` input-sized tensors, so the copy
+    roofline is no bound here; the memory column is the point (the unfused path holds [N, V] logits,
+    their log-softmax and their gradient)."""
+    lce_options = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+    has_torch_lce = hasattr(F, "linear_cross_entropy")
+    cases = []
+    for tokens, hidden, vocab in shapes:
+        gen = torch.Generator(device=device).manual_seed(1)
+        target = torch.randint(0, vocab, (tokens,), device=device, generator=gen)
+        w32 = torch.randn(vocab, hidden, device=device, generator=gen) / hidden**0.5  # logits ~ x's scale
+
+        def unfused(x, w, target=target):
+            return F.cross_entropy(F.linear(x, w), target)
+
+        def ours(x, w, target=target):
+            return ao.linear_cross_entropy(x, w, target)
+
+        def theirs(x, w, target=target, options=None):
+            return F.linear_cross_entropy(x, w, target, options=options)
+
+        for dtype in dtypes:
+            weight = w32.to(dtype)
+            case = Case(
+                "linear_cross_entropy", "forward+backward", dtype, (tokens, hidden, vocab),
+                passes=2 * (1 + vocab / tokens), input_shape=(tokens, hidden), flops=3 * 2 * tokens * hidden * vocab,
+            )  # fmt: skip
+            case.providers["alchemy_ops"] = _lm_head_runner(ours, weight)
+            case.providers["torch eager"] = _lm_head_runner(unfused, weight)
+            if has_torch_lce:
+                case.providers["F.lce"] = _lm_head_runner(theirs, weight)
+            if lce_options is not None:
+                options = lce_options(batch_chunk_size=default_chunk_size(tokens, hidden, vocab))
+                case.providers["F.lce chunked"] = _lm_head_runner(partial(theirs, options=options), weight)
+            if compile_baseline:
+                case.providers["torch.compile"] = _lm_head_runner(torch.compile(unfused, dynamic=False), weight)
+            cases.append(case)
+    return cases
+
+
+def _lm_head_runner(fn, weight: torch.Tensor):
+    """fn(x, W) -> loss; returns the loss and the gradients of x and W (no .grad accumulation)."""
+
+    def run(x: torch.Tensor):
+        xr, wr = x.detach().requires_grad_(), weight.detach().requires_grad_()
+        loss = fn(xr, wr)
+        dx, dw = torch.autograd.grad(loss, (xr, wr))
+        return loss, dx, dw
+
+    return run

@@ -76,7 +76,9 @@ def _rss_bytes() -> int:
 def peak_extra_memory(fn: Callable[[], object], device: str) -> float:
     """Peak memory above the starting level during one call, in bytes: CUDA allocator statistics on
     a GPU; on CPU the resident set size, sampled every ~0.2 ms by a thread (large tensors are mmapped
-    and returned to the OS when freed, so RSS follows them)."""
+    and returned to the OS when freed, so RSS follows them; glibc keeps freed blocks under its adaptive
+    mmap threshold, up to 32 MiB, in the heap, where a buffer reused call after call does not show:
+    ``MALLOC_MMAP_THRESHOLD_=1048576`` in the environment makes every tensor over 1 MB count)."""
     if device == "cuda":
         torch.cuda.synchronize()
         start = torch.cuda.memory_allocated()

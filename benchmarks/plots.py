@@ -15,10 +15,14 @@ def _label(r: dict) -> str:
     return f"{r['op']} {r['mode']} {r['dtype']}"
 
 
-def plot_roofline(results_json: Path) -> Path:
-    """Bar chart of each provider's fraction of the copy roofline, per case."""
+def plot_roofline(results_json: Path) -> Path | None:
+    """Bar chart of each provider's fraction of the copy roofline, per memory-bound case (compute-bound
+    cases, which report GFLOP/s, are left out: the copy bandwidth does not bound them); None when
+    there is no memory-bound case."""
     data = json.loads(Path(results_json).read_text())
-    rows = data["results"]
+    rows = [r for r in data["results"] if not r.get("gflop_per_s")]
+    if not rows:
+        return None
     cases = list(dict.fromkeys(f"{_label(r)}\n{'x'.join(map(str, r['shape']))}" for r in rows))
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(cases)), 4.5))
@@ -101,12 +105,14 @@ def plot(results_json: Path) -> Path:
                 continue
             r = match[0]
             bar = ax.bar(i + k * width, r["median_ms"], width, color=f"C{k}", label=prov if i == 0 else None)
-            ax.bar_label(bar, labels=[f"{r['roofline']:.0%}"], fontsize=7)
+            label = f"{r['gflop_per_s']:.0f} GFLOP/s" if r.get("gflop_per_s") else f"{r['roofline']:.0%}"
+            ax.bar_label(bar, labels=[label], fontsize=7)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))], cases, fontsize=7)
     ax.set_ylabel("median wall time (ms), lower is better")
     m = data["machine"]
     ax.set_title(
-        f"{m['cpu']}, {m['torch_threads']} threads, torch {m['torch']} (labels: fraction of copy roofline)", fontsize=8
+        f"{m['cpu']}, {m['torch_threads']} threads, torch {m['torch']} (labels: fraction of copy roofline, or GFLOP/s)",
+        fontsize=8,
     )
     ax.legend(fontsize=8)
     fig.tight_layout()
