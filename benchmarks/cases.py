@@ -24,6 +24,7 @@ class Case:
     passes: float = 2  # input-sized tensors that must be read or written
     input_shape: tuple[int, ...] | None = None  # the x given to the providers, when it is not `shape`
     flops: float = 0.0  # arithmetic of a compute-bound case (matmuls); 0: memory-bound, judged by its roofline
+    memory_unit_shape: tuple[int, ...] | None = None  # the memory column counts tensors of this size (default: x)
 
     @property
     def x_shape(self) -> tuple[int, ...]:
@@ -249,6 +250,7 @@ def linear_cross_entropy_cases(shapes, dtypes, device: str, compile_baseline: bo
             case = Case(
                 "linear_cross_entropy", "forward+backward", dtype, (tokens, hidden, vocab),
                 passes=2 * (1 + vocab / tokens), input_shape=(tokens, hidden), flops=3 * 2 * tokens * hidden * vocab,
+                memory_unit_shape=(tokens, vocab),  # in logits: what the unfused path holds 3 of
             )  # fmt: skip
             case.providers["alchemy_ops"] = _lm_head_runner(ours, weight)
             case.providers["torch eager"] = _lm_head_runner(unfused, weight)

@@ -50,6 +50,8 @@ def _cases(world: int) -> list[dict]:
     ]
     if "triton" in BACKENDS:
         cases.append(_case("triton", uneven, n=4, backend="triton", label_smoothing=0.1, weight=True, ignore=True))
+    # unchecked: a class index out of range gives NaN at its position (and gradient row), never a wrong number
+    cases.append(_case("unchecked bad target", uneven, reduction="none", check_target=False, bad="unchecked"))
     # bad input: every rank must raise, the bad one with its own message
     cases += [
         _case("bad: target out of range", even, bad="target"),
@@ -105,7 +107,7 @@ def _run_case(case: dict, rank: int, world: int):
     local = logits[:, start : start + size].clone().requires_grad_()
     w = None if weight is None else weight[start : start + size].to(reference.acc_dtype(logits.dtype))
     vocab_start = start if case["starts"] or bad == "overlap" else None
-    if bad == "target":
+    if bad in ("target", "unchecked"):
         target = target.clone()
         target[2] = sum(case["sizes"]) + 4
     elif bad == "dtype on 1" and rank == 1:
@@ -216,6 +218,15 @@ BAD = {
     "bad: slices overlap": ["ValueError"] * 3,
     "bad: options differ": ["ValueError"] * 3,
 }
+
+
+def test_unchecked_bad_target_gives_nan_at_its_position(world_results):
+    world, results = world_results
+    outcomes = [r["unchecked bad target"] for r in results]
+    assert [o[0] for o in outcomes] == ["ok"] * world, outcomes
+    for _, loss, grad in outcomes:
+        assert loss.isnan().nonzero().flatten().tolist() == [2]
+        assert grad.isnan().any(1).nonzero().flatten().tolist() == [2] and grad[2].isnan().all()
 
 
 @pytest.mark.parametrize("name", list(BAD))
