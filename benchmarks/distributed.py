@@ -111,6 +111,7 @@ def _worker(rank: int, port: int, shapes, warmup: int, reps: int, out: str) -> N
         torch.testing.assert_close(losses["Megatron-style"], losses["alchemy_ops"], atol=1e-4, rtol=1e-5)
     if rank == 0:
         torch.save(rows, out)
+    dist.barrier()  # every rank is done with every collective before any tears down
     dist.destroy_process_group()
 
 

@@ -11,6 +11,7 @@ import os
 import socket
 import time
 import traceback
+import warnings
 import zlib
 
 import pytest
@@ -128,19 +129,24 @@ def _run_case(case: dict, rank: int, world: int):
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import faulthandler
+
     import torch.distributed as dist
 
+    faulthandler.enable()  # a crash prints every thread's Python stack to the test's captured stderr
+    path = os.path.join(out_dir, f"rank{rank}.pt")
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    results = {}
-    try:
-        for case in _cases(world):
-            try:
-                results[case["name"]] = ("ok", *_run_case(case, rank, world))
-            except Exception as e:
-                results[case["name"]] = ("error", type(e).__name__, str(e), traceback.format_exc())
-    finally:
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
+    results = {"complete": False}
+    for case in _cases(world):
+        try:
+            results[case["name"]] = ("ok", *_run_case(case, rank, world))
+        except Exception as e:
+            results[case["name"]] = ("error", type(e).__name__, str(e), traceback.format_exc())
+        torch.save(results, path)  # after every case: a crash leaves the last case it finished
+    dist.barrier()  # every rank is done with every collective before any tears down
+    results["complete"] = True
+    torch.save(results, path)
+    dist.destroy_process_group()
 
 
 def _free_port() -> int:
@@ -157,12 +163,22 @@ def world_results(request, tmp_path_factory):
         _worker, args=(world, _free_port(), str(out)), nprocs=world, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"{world} ranks did not finish in {TIMEOUT_S} s: a collective hung")
-    return world, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    for p in ctx.processes:
+        p.join(max(0.0, deadline - time.monotonic()))
+    if any(p.is_alive() for p in ctx.processes):
+        for p in ctx.processes:
+            p.kill()
+        pytest.fail(f"{world} ranks did not finish in {TIMEOUT_S} s: a collective hung")
+    results = [torch.load(out / f"rank{r}.pt", weights_only=False) if (out / f"rank{r}.pt").exists() else {}
+               for r in range(world)]  # fmt: skip
+    if not all(r.get("complete") for r in results):
+        finished = [[name for name in r if name != "complete"][-1:] for r in results]
+        codes = [p.exitcode for p in ctx.processes]
+        pytest.fail(f"the ranks stopped early: exit codes {codes}, last case finished per rank {finished}")
+    codes = [p.exitcode for p in ctx.processes]
+    if any(codes):  # every result is in; only process teardown (torch.distributed's) went wrong
+        warnings.warn(f"ranks exited with codes {codes} after finishing every case", stacklevel=1)
+    return world, results
 
 
 def _expected(case: dict, world: int):
