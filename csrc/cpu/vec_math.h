@@ -70,13 +70,10 @@ inline void store_acc_stream(scalar_t* p, const acc_vec_t& v) {
     if (reinterpret_cast<uintptr_t>(p) % 64 == 0) return _mm512_stream_ps(p, v);
   } else if constexpr (std::is_same_v<scalar_t, double>) {
     if (reinterpret_cast<uintptr_t>(p) % 64 == 0) return _mm512_stream_pd(p, v);
-  } else if constexpr (is_reduced_float<scalar_t>) {
-    if (reinterpret_cast<uintptr_t>(p) % 32 == 0) {
-      const __m256i packed = std::is_same_v<scalar_t, c10::BFloat16> ? at::vec::cvtfp32_bf16(__m512(v))
-                                                                     : at::vec::cvtfp32_fp16(__m512(v));
-      return _mm256_stream_si256(reinterpret_cast<__m256i*>(p), packed);
-    }
   }
+  // bf16/fp16: no streaming. A vector is half a cache line, and 256-bit streaming stores ran the
+  // bf16 cross-entropy backward at half the speed of plain stores here (72.7 ms against 36.7 ms
+  // for [4096, 32000]); for fp32, full-line streaming stores save ~10%.
 #endif
   store_acc(p, v);
 }
