@@ -51,20 +51,17 @@ class _Shard:
     softcap: float  # 0: none
     backend: str
 
+    def _op(self, name: str):
+        if self.backend == "reference":
+            return getattr(reference, name)
+        return getattr(ops, name if self.backend == "cpp" else f"triton_{name}")
+
     def stats(self, logits, target, weight):
-        op = {
-            "cpp": ops.cross_entropy_shard_stats,
-            "triton": ops.triton_cross_entropy_shard_stats,
-            "reference": reference.cross_entropy_shard_stats,
-        }[self.backend]
+        op = self._op("cross_entropy_shard_stats")
         return op(logits, target, weight, self.class_start, self.ignore_index, self.softcap, self.label_smoothing > 0)
 
     def backward(self, logits, target, weight, lse, coeffs):
-        op = {
-            "cpp": ops.cross_entropy_shard_backward,
-            "triton": ops.triton_cross_entropy_shard_backward,
-            "reference": reference.cross_entropy_shard_backward,
-        }[self.backend]
+        op = self._op("cross_entropy_shard_backward")
         return op(logits, target, weight, lse, coeffs, self.class_start, self.ignore_index, self.softcap)
 
 
