@@ -4,7 +4,7 @@ from . import _extension, _ops, distributed, nn  # noqa: F401  (operators, fake 
 from . import triton as _triton  # noqa: F401  (registers the triton_* kernels when triton is installed)
 from ._backend import available_backends, backend
 from ._checks import DimensionError
-from .cross_entropy import cross_entropy
+from .cross_entropy import CrossEntropyOutput, cross_entropy
 from .gumbel_softmax import gumbel_softmax
 from .linear_cross_entropy import linear_cross_entropy
 from .softmax import log_softmax, softmax
@@ -14,6 +14,7 @@ __all__ = [
     "available_backends",
     "backend",
     "cross_entropy",
+    "CrossEntropyOutput",
     "DimensionError",
     "distributed",
     "gumbel_softmax",

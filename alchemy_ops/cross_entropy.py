@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import NamedTuple
 
 import torch
 from torch.nn import _reduction
@@ -17,6 +18,24 @@ from ._backend import resolve
 from ._ops import ops
 
 REDUCTIONS = ("none", "mean", "sum")
+
+
+class CrossEntropyOutput(NamedTuple):
+    """What the cross-entropy functions return when any ``return_*`` flag is set.
+
+    Fields not asked for are None. ``loss`` is what the call returns without flags. ``z_loss`` is the
+    z-loss term alone (``z_loss * lse**2`` per non-ignored position, reduced as the loss: summed, or
+    divided by the number of non-ignored positions for ``"mean"``, whatever the class weights).
+    ``lse`` is the per-position log-sum-exp of the (softcapped) logits in fp32, shape of the targets.
+    ``token_accuracy`` is the fraction of non-ignored positions whose argmax (ties to the lowest
+    index, as ``torch.argmax``) is the target; per position (1.0 or 0.0, 0.0 where ignored) for
+    ``reduction="none"``. ``z_loss``, ``lse`` and ``token_accuracy`` carry no gradient.
+    """
+
+    loss: torch.Tensor
+    z_loss: torch.Tensor | None = None
+    lse: torch.Tensor | None = None
+    token_accuracy: torch.Tensor | None = None
 
 
 def _class_dim(input: torch.Tensor) -> int:
