@@ -55,7 +55,7 @@ def extension():
     if sys.platform.startswith("linux"):
         cxx.append("-fopenmp")
         link.append("-fopenmp")
-    sources = ["csrc/alchemy_ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    sources = ["csrc/alchemy_ops.cpp", *sorted(glob.glob("csrc/autograd/*.cpp")), *sorted(glob.glob("csrc/cpu/*.cpp"))]
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     include_dirs += [p for p in os.environ.get("ALCHEMY_OPS_EXTRA_INCLUDE", "").split(os.pathsep) if p]
     if not cuda:

@@ -1,7 +1,9 @@
 """Fake kernels and autograd for the operators of ``csrc/alchemy_ops.cpp``.
 
 Each op has a ``cpp`` schema (kernels in csrc/) and a ``triton_`` twin (kernels in
-alchemy_ops/triton/); both share the fake kernel and the autograd formula here.
+alchemy_ops/triton/); both share the fake kernel and the autograd formula here, except where the
+formula is a C++ autograd node (csrc/autograd/: softmax_forward and cross_entropy_loss), which
+costs no Python per call.
 """
 
 from __future__ import annotations
@@ -24,13 +26,6 @@ def _softmax_forward_fake(input, dim, temperature, log, dtype):
 
 def _softmax_backward_fake(grad_output, output, dim, temperature, log):
     return torch.empty_like(output)
-
-
-def _softmax_setup_context(ctx, inputs, output):
-    input, dim, temperature, log, _ = inputs
-    ctx.save_for_backward(output)
-    ctx.args = (dim, temperature, log)
-    ctx.input_dtype = input.dtype
 
 
 def _softmax_double_backward(ctx, grad_grad_input):
@@ -60,18 +55,10 @@ def _softmax_backward_setup_context(ctx, inputs, output):
 
 
 def _register_softmax(forward, backward) -> None:
+    # The forward's autograd is a C++ node (csrc/autograd/softmax.cpp): no Python per call. Its
+    # backward calls the backward op with autograd on, so this formula gives double backward.
     torch.library.register_fake(forward, _softmax_forward_fake)
     torch.library.register_fake(backward, _softmax_backward_fake)
-
-    backward_op = getattr(ops, backward.split("::")[1])  # looked up once, not per backward call
-
-    def grad(ctx, grad_output):
-        (output,) = ctx.saved_tensors
-        dim, temperature, log = ctx.args
-        grad_input = backward_op(grad_output, output, dim, temperature, log)
-        return grad_input.to(ctx.input_dtype), None, None, None, None
-
-    torch.library.register_autograd(forward, grad, setup_context=_softmax_setup_context)
     torch.library.register_autograd(backward, _softmax_double_backward, setup_context=_softmax_backward_setup_context)
 
 
@@ -104,6 +91,26 @@ def _cross_entropy_inplace_fake(
 
 def _cross_entropy_backward_fake(grad_loss, input, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap):
     return torch.empty_like(input)
+
+
+def _cross_entropy_loss_fake(input, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap, check):
+    positions = _positions_shape(input)
+    loss_shape = positions if reduction == 0 else []
+    return (
+        input.new_empty(loss_shape, dtype=_acc_dtype(input.dtype)),
+        input.new_empty(positions, dtype=torch.float64),
+        input.new_empty([2], dtype=torch.float64),
+    )
+
+
+def _cross_entropy_loss_backward_fake(grad, input, *args):
+    return torch.empty_like(input)
+
+
+# Autograd of cross_entropy_loss is a C++ node (csrc/autograd/cross_entropy_loss.cpp): no Python per call.
+for _prefix in ("", "triton_"):
+    torch.library.register_fake(f"alchemy_ops::{_prefix}cross_entropy_loss", _cross_entropy_loss_fake)
+    torch.library.register_fake(f"alchemy_ops::{_prefix}cross_entropy_loss_backward", _cross_entropy_loss_backward_fake)
 
 
 def _cross_entropy_setup_context(ctx, inputs, output):

@@ -13,11 +13,14 @@ from typing import NamedTuple
 import torch
 from torch.nn import _reduction
 
-from . import _checks, reference
+from . import _backend, _checks, reference
 from ._backend import resolve
+from ._extension import WITH_CUDA
 from ._ops import ops
 
 REDUCTIONS = ("none", "mean", "sum")
+_CPP_LOSS = ops.cross_entropy_loss.default
+_NUMBERS = (float, int)
 
 
 class CrossEntropyOutput(NamedTuple):
@@ -26,7 +29,8 @@ class CrossEntropyOutput(NamedTuple):
     Fields not asked for are None. ``loss`` is what the call returns without flags. ``z_loss`` is the
     z-loss term alone (``z_loss * lse**2`` per non-ignored position, reduced as the loss: summed, or
     divided by the number of non-ignored positions for ``"mean"``, whatever the class weights).
-    ``lse`` is the per-position log-sum-exp of the (softcapped) logits in fp32, shape of the targets.
+    ``lse`` is the per-position log-sum-exp of the (softcapped) logits in fp32, shape of the targets
+    (0 at ignored positions, whose logits the kernels do not read).
     ``token_accuracy`` is the fraction of non-ignored positions whose argmax (ties to the lowest
     index, as ``torch.argmax``) is the target; per position (1.0 or 0.0, 0.0 where ignored) for
     ``reduction="none"``. ``z_loss``, ``lse`` and ``token_accuracy`` carry no gradient.
@@ -103,9 +107,15 @@ def check_loss_arguments(
         raise TypeError(f"alchemy_ops: target must hold class indices (int64), got {target.dtype}; cast with .long()")
     else:
         if target.shape != positions:
+            hint = ""
+            if len(shape) == 3 and target.shape == shape[:2]:  # (B, T, V) logits of a language model
+                hint = (
+                    "; the class dim is 1, so (B, T, V) logits read as B x V positions of T classes: flatten "
+                    "them, cross_entropy(logits.reshape(-1, V), target.reshape(-1)), or pass logits.transpose(1, 2)"
+                )
             raise ValueError(
                 f"alchemy_ops: for logits of shape {tuple(shape)} the class-index target must have shape "
-                f"{tuple(positions)}, got {tuple(target.shape)}"
+                f"{tuple(positions)}, got {tuple(target.shape)}{hint}"
             )
         target = target.long()
     if weight is not None:
@@ -137,8 +147,8 @@ def check_class_targets(target: torch.Tensor, classes: int, ignore_index: int) -
     if bad.any():
         where = tuple(int(i) for i in bad.nonzero()[0])
         raise IndexError(
-            f"alchemy_ops: target {int(target[where])} at position {where} is out of range for {classes} classes "
-            f"(expected 0 <= target < {classes} or ignore_index={ignore_index})"
+            f"alchemy_ops: Target {int(target[where])} is out of bounds (position {where}, {classes} classes; "
+            f"expected 0 <= target < {classes} or ignore_index={ignore_index})"
         )
 
 
@@ -161,26 +171,66 @@ class _CrossEntropyInplaceBackward(torch.autograd.Function):
         acc = reference.acc_dtype(input.dtype)
         positions = target.shape if not target.is_floating_point() else input.sum(_class_dim(input)).shape
         if reduction == "mean":
-            scale = 1.0 / reference.cross_entropy_mean_denominator(target, weight, ignore_index, classes, acc)
+            denominator = reference.cross_entropy_mean_denominator(target, weight, ignore_index, classes, acc)
+            scale = 1.0 / denominator
+            if weight is not None and z_loss > 0:  # the z term is a mean over positions (see cross_entropy_loss)
+                count = reference.cross_entropy_valid_count(target, ignore_index, classes, acc)
+                z_loss = z_loss * float(denominator / count)
         else:
             scale = torch.ones((), dtype=acc, device=input.device)
         grad_scale = scale.expand(positions).contiguous()
-        loss, _ = op(input, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap, check)
+        loss, lse = op(input, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap, check)
         # The op mutates input behind autograd's back: bump its version so that any node which
         # saved the logits for its own backward raises instead of reading the gradient.
         torch.autograd.graph.increment_version(input)
         ctx.save_for_backward(input)  # now the gradient
         ctx.reduction = reduction
-        return reduce_loss(loss, target, weight, ignore_index, classes, reduction, input.dtype)
+        ctx.mark_non_differentiable(lse)
+        return reduce_loss(loss, target, weight, ignore_index, classes, reduction, acc), lse
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, _grad_lse):
         (grad,) = ctx.saved_tensors
         if ctx.reduction == "none":
             grad.mul_(grad_output.unsqueeze(_class_dim(grad)) if grad.dim() > 1 else grad_output)
         elif not bool((grad_output == 1).all()):
             grad.mul_(grad_output)
         return grad, None, None, None, None, None, None, None, None, None
+
+
+_REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}  # at::Reduction, as the cross_entropy_loss op takes it
+
+
+def _fast_loss_op(input: torch.Tensor):
+    """The cpp loss operator when it is what ``resolve`` would pick for ``input``, else None.
+
+    The common call (no extras, no autocast, eager) goes straight to it: the operator checks every
+    argument itself, and whatever it rejects is retried on the checked path, which gives PyTorch's
+    casts and this module's messages. That keeps a small loss as cheap as PyTorch's own.
+    """
+    name = _backend.current_backend()
+    if name == "auto" or name == "cpp":
+        if input.is_cpu or (input.is_cuda and WITH_CUDA):
+            return _CPP_LOSS
+    return None
+
+
+def _extra_outputs(loss, lse, correct, target, ignore_index, classes, reduction, z_loss, want_z, want_lse):
+    """The CrossEntropyOutput of the return_* flags, from the per-position lse (and argmax hits)."""
+    valid = None if target.is_floating_point() else target != ignore_index
+    lse = lse.float() if valid is None else lse.float().masked_fill(~valid, 0)  # ignored rows are not read
+    count = reference.cross_entropy_valid_count(target, ignore_index, classes, torch.float32)
+
+    def over_valid(per_position, mean):  # 0 where ignored; summed, or averaged over the non-ignored
+        if valid is not None:
+            per_position = per_position.masked_fill(~valid, 0)
+        if reduction == "none":
+            return per_position
+        return per_position.sum() / count if mean else per_position.sum()
+
+    z_term = over_valid(z_loss * lse.square(), reduction == "mean") if want_z else None
+    accuracy = None if correct is None else over_valid(correct.float(), True)
+    return CrossEntropyOutput(loss, z_term, lse if want_lse else None, accuracy)
 
 
 def cross_entropy(
@@ -197,7 +247,10 @@ def cross_entropy(
     softcap: float | None = None,
     inplace_backward: bool = False,
     check_target: bool = True,
-) -> torch.Tensor:
+    return_z_loss: bool = False,
+    return_lse: bool = False,
+    return_token_accuracy: bool = False,
+) -> torch.Tensor | CrossEntropyOutput:
     """Cross-entropy between logits and targets, as ``torch.nn.functional.cross_entropy``.
 
     Args:
@@ -211,7 +264,10 @@ def cross_entropy(
         reduction: ``"none"`` (loss per position), ``"mean"`` (divided by the summed weight of the
             non-ignored targets; by the number of positions for probabilities) or ``"sum"``.
         label_smoothing: in ``[0, 1]``, PyTorch's formula (including its interplay with ``weight``).
-        z_loss: keyword-only extra; adds ``z_loss * logsumexp(z)**2`` per (non-ignored) position.
+        z_loss: keyword-only extra; adds ``z_loss * logsumexp(z)**2`` per non-ignored position. With
+            ``reduction="mean"`` this term is divided by the number of non-ignored positions, not by
+            the summed class weights (Liger-Kernel's and PaLM's per-token definition; without
+            ``weight`` the two agree).
         softcap: keyword-only extra; the logits become ``softcap * tanh(input / softcap)`` first.
         inplace_backward: keyword-only extra; forward writes the gradient into ``input``'s memory (no
             logits-sized allocation for it). ``input`` is consumed: its values are the gradient
@@ -219,11 +275,39 @@ def cross_entropy(
         check_target: raise ``IndexError`` (value and position) for a class index outside ``[0, C)``
             that is not ``ignore_index``. On a GPU the check synchronizes; pass False to skip it (e.g.
             under CUDA graph capture): such a position then gets a NaN loss, never a device assert.
+        return_z_loss, return_lse, return_token_accuracy: keyword-only; when any is set the result is
+            a :class:`CrossEntropyOutput` ``(loss, z_loss, lse, token_accuracy)`` with the fields not
+            asked for None: the z-loss term alone (reduced like the loss), the fp32 log-sum-exp per
+            position, and the fraction of non-ignored positions whose argmax is the target (class
+            indices only). These extras carry no gradient.
 
     Returns:
-        The loss in the input's dtype: a scalar, or per position for ``reduction="none"``. It is
-        accumulated in fp32 (fp64 for fp64 input) whatever the input dtype.
+        The loss in the input's dtype (fp32 under ``torch.autocast``, as PyTorch's): a scalar, or per
+        position for ``reduction="none"``. It is accumulated in fp32 (fp64 for fp64 input) whatever
+        the input dtype.
     """
+    if (
+        softcap is None
+        and not (inplace_backward or return_z_loss or return_lse or return_token_accuracy)
+        and size_average is None
+        and reduce is None
+        and reduction in _REDUCTION_ENUM
+        and type(ignore_index) is int  # not bool: the checked path refuses it
+        and type(label_smoothing) in _NUMBERS
+        and type(z_loss) in _NUMBERS
+        and isinstance(input, torch.Tensor)
+        and (weight is None or (isinstance(weight, torch.Tensor) and weight.is_floating_point()))
+        and not torch._C._is_any_autocast_enabled()
+        and not torch.compiler.is_compiling()
+    ):
+        op = _fast_loss_op(input)
+        if op is not None:
+            try:
+                loss = op(input, target, weight, _REDUCTION_ENUM[reduction], ignore_index, label_smoothing, z_loss, 0.0,
+                          check_target)[0]  # fmt: skip
+                return loss if loss.dtype is input.dtype else loss.to(input.dtype)
+            except (RuntimeError, TypeError, ValueError, IndexError):
+                pass  # the checked path below casts what it can and raises what it must, with its message
     if size_average is not None or reduce is not None:
         reduction = _reduction.legacy_get_string(size_average, reduce)
     input, target, weight, ignore_index, label_smoothing, z_loss, softcap = _check_arguments(
@@ -231,17 +315,39 @@ def cross_entropy(
     )
     classes = input.shape[_class_dim(input)]
     which = resolve(input)
+    # torch.autocast runs PyTorch's losses in fp32: keep the fp32 loss the kernels accumulate anyway.
+    out_dtype = reference.acc_dtype(input.dtype) if torch.is_autocast_enabled(input.device.type) else input.dtype
+    extras = return_z_loss or return_lse or return_token_accuracy
+    correct = None
+    if return_token_accuracy:  # before the kernels: inplace_backward overwrites the logits
+        if target.is_floating_point():
+            raise ValueError("alchemy_ops: return_token_accuracy needs class-index targets, not probabilities")
+        correct = input.detach().argmax(_class_dim(input)) == target
+    cap = 0.0 if softcap is None else softcap
     if which == "reference":
         if check_target and not target.is_floating_point():
             check_class_targets(target, classes, ignore_index)
-        return reference.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
-    acc_weight = None if weight is None else weight.to(reference.acc_dtype(input.dtype))
-    cap = 0.0 if softcap is None else softcap
-    if inplace_backward and input.requires_grad and torch.is_grad_enabled():
+        loss = reference.cross_entropy(
+            input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, out_dtype
+        )
+        if not extras:
+            return loss
+        with torch.no_grad():
+            lse = torch.logsumexp(reference.capped(input, cap), _class_dim(input))
+    elif inplace_backward and input.requires_grad and torch.is_grad_enabled():
         op = ops.cross_entropy_forward_inplace if which == "cpp" else ops.triton_cross_entropy_forward_inplace
-        return _CrossEntropyInplaceBackward.apply(
+        acc_weight = None if weight is None else weight.to(reference.acc_dtype(input.dtype))
+        loss, lse = _CrossEntropyInplaceBackward.apply(
             input, target, acc_weight, ignore_index, reduction, label_smoothing, z_loss, cap, check_target, op
         )
-    op = ops.cross_entropy_forward if which == "cpp" else ops.triton_cross_entropy_forward
-    loss, _ = op(input, target, acc_weight, ignore_index, label_smoothing, z_loss, cap, check_target)
-    return reduce_loss(loss, target, acc_weight, ignore_index, classes, reduction, input.dtype)
+        loss = loss.to(out_dtype)
+    else:
+        op = ops.cross_entropy_loss if which == "cpp" else ops.triton_cross_entropy_loss
+        loss, lse, _ = op(input, target, weight, _REDUCTION_ENUM[reduction], ignore_index, label_smoothing, z_loss,
+                          cap, check_target)  # fmt: skip
+        if loss.dtype != out_dtype:
+            loss = loss.to(out_dtype)
+    if not extras:
+        return loss
+    return _extra_outputs(loss, lse, correct, target, ignore_index, classes, reduction, z_loss, return_z_loss,
+                          return_lse)  # fmt: skip

@@ -73,14 +73,15 @@ def _combine(gathered: torch.Tensor, target: torch.Tensor, shard: _Shard):
     lse = torch.logsumexp(top + log_sum, 0)  # shards of -inf logits (lse -inf) drop out
     w_y, z_y = w_y.sum(0), z_y.sum(0)
     eps = shard.label_smoothing
-    loss = (1 - eps) * w_y * (lse - z_y) + shard.z_loss * lse * lse
+    loss = (1 - eps) * w_y * (lse - z_y)
     if eps > 0:  # sum_c w_c (lse - z_c), each shard's part relative to its finite max
         shift = top.masked_fill(top == -math.inf, 0)
         loss = loss + eps / shard.vocab * (weight_sum * (lse - shift) - smooth_sum).sum(0)
     ignored = target == shard.ignore_index
     bad = ~ignored & ((target < 0) | (target >= shard.vocab))  # only when the check was skipped
     loss = loss.masked_fill(ignored, 0).masked_fill(bad, math.nan)
-    return loss, lse, w_y.masked_fill(bad, math.nan), weight_sum.sum(0)
+    z_term = (shard.z_loss * lse * lse).masked_fill(ignored, 0)
+    return loss, z_term, lse, w_y.masked_fill(bad, math.nan), weight_sum.sum(0)
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -90,21 +91,23 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         gathered = stats.new_empty((shard.world * stats.shape[0], stats.shape[1]))
         if stats.numel() > 0:
             _all_gather(gathered, stats.contiguous(), shard.group)
-        loss, lse, w_y, weight_sum = _combine(gathered.view(shard.world, *stats.shape), target, shard)
+        loss, z_term, lse, w_y, weight_sum = _combine(gathered.view(shard.world, *stats.shape), target, shard)
         ctx.save_for_backward(logits, target, weight, lse, w_y, weight_sum)
         ctx.shard = shard
         target_weight = w_y.to(stats.dtype)
         ctx.mark_non_differentiable(target_weight)
-        return loss.to(stats.dtype), target_weight
+        return loss.to(stats.dtype), z_term.to(stats.dtype), target_weight
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_w_y):
+    def backward(ctx, grad_loss, grad_z_term, _grad_w_y):
         logits, target, weight, lse, w_y, weight_sum = ctx.saved_tensors
         shard = ctx.shard
         eps, g = shard.label_smoothing, grad_loss.double()
-        # d loss / d z_c = g (a p_c - eps / V w_c - [c == y] (1 - eps) w_y); see cross_entropy.h
-        a = (1 - eps) * w_y + eps / shard.vocab * weight_sum + 2 * shard.z_loss * lse
-        coeffs = torch.stack([g * a, g * (eps / shard.vocab), g * ((1 - eps) * w_y)], 1)
+        # d loss / d z_c = g (a p_c - eps / V w_c - [c == y] (1 - eps) w_y) + g_z 2 z_loss lse p_c;
+        # see cross_entropy.h. The z term has its own upstream gradient: a mean divides it by the
+        # number of tokens, the cross-entropy by the summed weights.
+        a = g * ((1 - eps) * w_y + eps / shard.vocab * weight_sum) + grad_z_term.double() * (2 * shard.z_loss * lse)
+        coeffs = torch.stack([a, g * (eps / shard.vocab), g * ((1 - eps) * w_y)], 1)
         grad = shard.backward(logits, target, weight, lse, coeffs.to(grad_loss.dtype))
         return grad, None, None, None
 
@@ -260,11 +263,13 @@ def vocab_parallel_cross_entropy(
         group, len(table), starts[rank], vocab, ignore_index, label_smoothing, z_loss, softcap or 0.0, resolve(logits)
     )
     acc_weight = None if weight is None else weight.to(reference.acc_dtype(logits.dtype))
-    loss, w_y = _VocabParallelCrossEntropy.apply(logits, target, acc_weight, shard)
+    loss, z_term, w_y = _VocabParallelCrossEntropy.apply(logits, target, acc_weight, shard)
     if reduction == "none":
-        return loss.to(logits.dtype)
-    total = loss.sum()
-    if reduction == "mean":
-        kept = target != ignore_index
-        total = total / (kept.sum().to(loss.dtype) if weight is None else w_y.masked_fill(~kept, 0).sum())
-    return total.to(logits.dtype)
+        return (loss + z_term).to(logits.dtype)
+    if reduction == "sum":
+        return (loss.sum() + z_term.sum()).to(logits.dtype)
+    # mean: the cross-entropy over the summed weights, the z-loss over the non-ignored tokens
+    kept = target != ignore_index
+    count = kept.sum().to(loss.dtype)
+    total = loss.sum() / (count if weight is None else w_y.masked_fill(~kept, 0).sum())
+    return (total + z_term.sum() / count).to(logits.dtype)

@@ -35,6 +35,16 @@ def cross_entropy_mean_denominator(
     return picked.masked_fill(~valid, 0).sum()
 
 
+def cross_entropy_valid_count(
+    target: torch.Tensor, ignore_index: int, classes: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """The number of non-ignored positions (all positions for probability targets): what the
+    z-loss and token-accuracy means divide by."""
+    if target.is_floating_point():
+        return torch.tensor(float(target.numel() // max(classes, 1)), dtype=dtype, device=target.device)
+    return (target != ignore_index).sum().to(dtype)
+
+
 def cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -44,27 +54,34 @@ def cross_entropy(
     label_smoothing: float,
     z_loss: float,
     softcap: float | None,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """``F.cross_entropy`` in the accumulation dtype, with the z-loss and softcap extras."""
+    """``F.cross_entropy`` in the accumulation dtype, with the z-loss and softcap extras; the result
+    in ``dtype`` (default: the input's)."""
     acc = acc_dtype(input.dtype)
-    z = _capped(input, softcap or 0.0)
+    dtype = dtype or input.dtype
+    z = capped(input, softcap or 0.0)
     w = None if weight is None else weight.to(acc)
     soft = target.is_floating_point()
     loss = torch.nn.functional.cross_entropy(
         z, target.to(acc) if soft else target, weight=w, ignore_index=ignore_index, reduction="none",
         label_smoothing=label_smoothing,
     )  # fmt: skip
+    z_term = torch.zeros((), dtype=acc, device=input.device)
     if z_loss:
         lse = torch.logsumexp(z, dim=1 if z.dim() > 1 else 0)
         z_term = z_loss * lse.square()
-        loss = loss + (z_term if soft else z_term.masked_fill(target == ignore_index, 0))
+        z_term = z_term if soft else z_term.masked_fill(target == ignore_index, 0)
     if reduction == "none":
-        return loss.to(input.dtype)
-    total = loss.sum()
-    if reduction == "mean":
-        classes = input.shape[1] if input.dim() > 1 else input.shape[0]
-        total = total / cross_entropy_mean_denominator(target, w, ignore_index, classes, acc)
-    return total.to(input.dtype)
+        return (loss + z_term).to(dtype)
+    if reduction == "sum":
+        return (loss.sum() + z_term.sum()).to(dtype)
+    # mean: the cross-entropy over the summed weights, the z-loss over the non-ignored positions
+    classes = input.shape[1] if input.dim() > 1 else input.shape[0]
+    total = loss.sum() / cross_entropy_mean_denominator(target, w, ignore_index, classes, acc)
+    if z_loss:
+        total = total + z_term.sum() / cross_entropy_valid_count(target, ignore_index, classes, acc)
+    return total.to(dtype)
 
 
 # ---- gumbel_softmax: Philox4x32-10 written out in int64 tensor arithmetic (uint32 values) ----
@@ -142,7 +159,8 @@ def topk_softmax(
     return weights, indices
 
 
-def _capped(input: torch.Tensor, softcap: float) -> torch.Tensor:
+def capped(input: torch.Tensor, softcap: float) -> torch.Tensor:
+    """``softcap * tanh(input / softcap)`` in the accumulation dtype (the input itself for softcap 0)."""
     z = input.to(acc_dtype(input.dtype))
     return softcap * torch.tanh(z / softcap) if softcap > 0 else z
 
@@ -158,7 +176,7 @@ def cross_entropy_shard_stats(
 ) -> torch.Tensor:
     """The [N, 6] statistics of one shard of the classes (csrc/include/alchemy/cross_entropy_shard.h):
     max, log-sum-exp relative to it, target logit, target weight, smoothing sum, weight sum."""
-    z = _capped(input, softcap)
+    z = capped(input, softcap)
     rows, classes = z.shape
     w = torch.ones(classes, dtype=z.dtype, device=z.device) if weight is None else weight.to(z.dtype)
     top = z.amax(1) if classes and rows else z.new_empty(rows)
@@ -196,7 +214,7 @@ def cross_entropy_shard_backward(
     """d loss / d input of one shard: (k0 exp(z - lse) - k1 w - [class == target] k2) dz/dx, per row
     k = coeffs[r]; 0 where ignored. Computed in fp64, rounded once to the input dtype."""
     x = input.double()
-    z = _capped(x, softcap)
+    z = capped(x, softcap)
     classes = z.shape[1]
     w = torch.ones(classes, dtype=z.dtype, device=z.device) if weight is None else weight.double()
     k = coeffs.double()

@@ -27,6 +27,17 @@ TORCH_LIBRARY(alchemy_ops, m) {
   // Forward, then overwrites input with grad_scale (per position) * d loss / d input: the
   // gradient costs no memory beyond the logits, which are consumed.
   m.def("cross_entropy_forward_inplace(Tensor(a!) input, Tensor target, Tensor? weight, Tensor grad_scale, int ignore_index, float label_smoothing, float z_loss, float softcap, bool check_target) -> (Tensor, Tensor)");
+  // All of F.cross_entropy in one call (csrc/autograd/cross_entropy_loss.cpp): the per-position
+  // forward above, then the reduction (0 none, 1 mean, 2 sum: at::Reduction), with a C++ autograd
+  // formula. Returns (loss in the accumulation dtype, reduced or per position; lse per position,
+  // fp64; denominators fp64 [2]: the summed weight of the non-ignored class indices (the mean's
+  // divisor) and their count). With reduction mean the z-loss term is divided by that count, not by
+  // the summed weights (Liger-Kernel's definition).
+  m.def("cross_entropy_loss(Tensor input, Tensor target, Tensor? weight, int reduction, int ignore_index, float label_smoothing, float z_loss, float softcap, bool check_target) -> (Tensor, Tensor, Tensor)");
+  m.def("triton_cross_entropy_loss(Tensor input, Tensor target, Tensor? weight, int reduction, int ignore_index, float label_smoothing, float z_loss, float softcap, bool check_target) -> (Tensor, Tensor, Tensor)");
+  // d loss / d input from the gradient of cross_entropy_loss's loss and what it returned.
+  m.def("cross_entropy_loss_backward(Tensor grad, Tensor input, Tensor target, Tensor? weight, Tensor lse, Tensor denominators, int reduction, int ignore_index, float label_smoothing, float z_loss, float softcap) -> Tensor");
+  m.def("triton_cross_entropy_loss_backward(Tensor grad, Tensor input, Tensor target, Tensor? weight, Tensor lse, Tensor denominators, int reduction, int ignore_index, float label_smoothing, float z_loss, float softcap) -> Tensor");
   m.def("triton_cross_entropy_forward(Tensor input, Tensor target, Tensor? weight, int ignore_index, float label_smoothing, float z_loss, float softcap, bool check_target) -> (Tensor, Tensor)");
   m.def("triton_cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, Tensor lse, int ignore_index, float label_smoothing, float z_loss, float softcap) -> Tensor");
   m.def("triton_cross_entropy_forward_inplace(Tensor(a!) input, Tensor target, Tensor? weight, Tensor grad_scale, int ignore_index, float label_smoothing, float z_loss, float softcap, bool check_target) -> (Tensor, Tensor)");

@@ -40,6 +40,8 @@ def _cases(world: int) -> list[dict]:
         _case("smoothing", uneven, label_smoothing=0.1),
         _case("smoothing weight ignore", uneven, label_smoothing=0.3, weight=True, ignore=True),
         _case("z_loss softcap", even, z_loss=1e-3, softcap=5.0, ignore=True),
+        # weighted mean: the z term is a mean over the non-ignored tokens, the cross-entropy over the weights
+        _case("z_loss weight ignore", uneven, z_loss=1e-2, weight=True, ignore=True),
         _case("bf16", uneven, dtype=torch.bfloat16, label_smoothing=0.1),
         _case("fp64", uneven, dtype=torch.float64, weight=True, label_smoothing=0.2, ignore=True),
         _case("extreme logits", even, extreme=True, label_smoothing=0.1),

@@ -489,8 +489,8 @@ class _Problem:
         flat = int(where[0, 0])
         value = int(t[flat])
         raise IndexError(
-            f"alchemy_ops: target {value} at position {self.position_string(flat)} is out of range for "
-            f"{self.classes} classes (expected 0 <= target < {self.classes} or ignore_index={self.ignore_index})"
+            f"alchemy_ops: Target {value} is out of bounds (position {self.position_string(flat)}, "
+            f"{self.classes} classes; expected 0 <= target < {self.classes} or ignore_index={self.ignore_index})"
         )
 
 

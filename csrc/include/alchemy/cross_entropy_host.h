@@ -121,9 +121,10 @@ inline std::string position_string(int64_t flat, at::IntArrayRef shape) {
 
 // Raises IndexError (Python) naming the first class index outside [0, C) that is not ignore_index.
 inline void raise_bad_target(const CrossEntropyProblem& p, int64_t flat, int64_t value) {
-  TORCH_CHECK_INDEX(false, "alchemy_ops: target ", value, " at position ", position_string(flat, p.positions),
-                    " is out of range for ", p.classes, " classes (expected 0 <= target < ", p.classes,
-                    " or ignore_index=", p.ignore_index, ")");
+  // "Target 7 is out of bounds" is PyTorch's wording, which code written against it matches on.
+  TORCH_CHECK_INDEX(false, "alchemy_ops: Target ", value, " is out of bounds (position ",
+                    position_string(flat, p.positions), ", ", p.classes, " classes; expected 0 <= target < ",
+                    p.classes, " or ignore_index=", p.ignore_index, ")");
 }
 
 // Device-generic check with ATen ops (one host sync); the CPU file has a fused loop instead.
