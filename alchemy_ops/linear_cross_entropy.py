@@ -74,11 +74,10 @@ class _ChunkLoss:
         return lse if target.is_floating_point() else lse.masked_fill(target == self.ignore_index, 0)
 
     def _reference_gradient(self, logits, target, grad_loss) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.enable_grad():
-            z = logits.detach().requires_grad_()
-            loss = self._reference(z, target)
-            (grad,) = torch.autograd.grad(loss, z, grad_loss)
-        return loss.detach(), grad
+        # torch.func.vjp rather than torch.autograd.grad: torch.compile traces it (in any grad mode).
+        loss, vjp = torch.func.vjp(lambda z: self._reference(z, target), logits.detach())
+        (grad,) = vjp(grad_loss)
+        return loss, grad
 
     def forward(self, logits, target) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss per row (accumulation dtype) and the lse per row (fp64; the accumulation dtype on reference)."""
@@ -339,10 +338,14 @@ def kernel_z_loss(z_loss: float, target: torch.Tensor, class_weight, ignore_inde
     return z_loss * total_weight / valid
 
 
-def _extras(loss, lse, hits, target, ignore_index, z_loss, reduction, return_z_loss, return_lse, return_accuracy):
-    """The CrossEntropyOutput of the return_* flags from the per-token lse and argmax hits."""
-    valid = torch.ones_like(lse, dtype=torch.bool) if target.is_floating_point() else target != ignore_index
-    acc = reference.acc_dtype(lse.dtype)
+def _extras(loss, lse, hits, target, ignore_index, z_loss, reduction, acc, flags) -> CrossEntropyOutput:
+    """The CrossEntropyOutput of the return_* ``flags`` (z_loss, lse, token_accuracy) from the per-token
+    lse and argmax hits, in the accumulation dtype ``acc``."""
+    return_z_loss, return_lse, return_token_accuracy = flags
+    if target.is_floating_point():  # probabilities: every position counts
+        valid = torch.ones(target.shape[:-1], dtype=torch.bool, device=target.device)
+    else:
+        valid = target != ignore_index
     count = valid.sum().to(acc)
     z_out = accuracy = None
     if return_z_loss:
@@ -350,7 +353,7 @@ def _extras(loss, lse, hits, target, ignore_index, z_loss, reduction, return_z_l
         if reduction != "none":
             z_term = z_term.sum() / count if reduction == "mean" else z_term.sum()
         z_out = z_term.to(loss.dtype)
-    if return_accuracy:
+    if return_token_accuracy:
         correct = (hits & valid).to(torch.float32)
         accuracy = correct if reduction == "none" else correct.sum() / count.float()
     return CrossEntropyOutput(loss, z_out, lse.to(acc) if return_lse else None, accuracy)
@@ -456,9 +459,9 @@ def linear_cross_entropy(
         label_smoothing, z_loss, softcap, weight_name="class_weight",
     )  # fmt: skip
     chunk_size = _check_chunk_size(chunk_size)
-    flags = {"accumulate_fp32": accumulate_fp32, "return_z_loss": return_z_loss, "return_lse": return_lse}
-    flags["return_token_accuracy"] = return_token_accuracy
-    for name, value in flags.items():
+    switches = {"accumulate_fp32": accumulate_fp32, "return_z_loss": return_z_loss, "return_lse": return_lse}
+    switches["return_token_accuracy"] = return_token_accuracy
+    for name, value in switches.items():
         if not isinstance(value, bool):
             raise TypeError(f"alchemy_ops: {name} must be a bool, got {type(value).__name__}")
     if return_token_accuracy and target.is_floating_point():
@@ -499,5 +502,5 @@ def linear_cross_entropy(
         loss, lse, hits, target = (t if t is None or t.dim() == 0 else t.squeeze(0) for t in (loss, lse, hits, target))
     if not (return_z_loss or return_lse or return_token_accuracy):
         return loss
-    return _extras(loss, lse, hits, target, ignore_index, z_loss, reduction, return_z_loss, return_lse,
-                   return_token_accuracy)  # fmt: skip
+    flags = (return_z_loss, return_lse, return_token_accuracy)
+    return _extras(loss, lse, hits, target, ignore_index, z_loss, reduction, acc, flags)
