@@ -262,7 +262,7 @@ def autocast_dtype(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     autocast is off there or an operand is not fp16/bf16/fp32 (as autocast, which then casts nothing
     that would matter)."""
     device = input.device.type
-    if not torch.is_autocast_enabled(device):
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):  # (meta has no autocast state)
         return None
     if any(t is not None and t.dtype not in _AUTOCAST_ELIGIBLE for t in (input, weight, bias)):
         return None
@@ -389,10 +389,10 @@ def linear_cross_entropy(
         input: hidden states ``(N, H)``, or ``(H)`` for one token; fp32, bf16, fp16 or fp64. Other ranks
             raise: flatten first (``input.flatten(0, -2)``, ``target.flatten()``), because
             cross-entropy's class dim is 1 and a 3-d input would not mean ``F.linear``'s logits.
-        weight: ``(V, H)`` in the input's dtype and device.
+        weight: ``(V, H)`` in the input's dtype (any fp16/bf16/fp32 mix under autocast) and device.
         target: class indices, int64 ``(N)`` (``()`` for one token), in ``[0, V)`` or ``ignore_index``;
             or class probabilities ``(N, V)`` (``(V)``), which must not require grad.
-        bias: optional ``(V)``, the input's dtype.
+        bias: optional ``(V)``, the weight's dtype.
         class_weight, ignore_index, reduction, label_smoothing, softcap, check_target: as in
             ``ao.cross_entropy`` (its ``weight`` is ``class_weight`` here). The targets are checked
             once, up front (under ``torch.compile`` by the kernels instead, as each chunk is reached:
@@ -409,6 +409,16 @@ def linear_cross_entropy(
         accumulate_fp32: accumulate the weight and bias gradients over the chunks in fp32 (fp64 for
             fp64), rounded to the parameter dtype once at the end. False accumulates in the parameter
             dtype: no fp32 ``[V, H]`` buffer, but a bf16/fp16 rounding per chunk.
+        return_z_loss, return_lse, return_token_accuracy: keyword-only; when any is set the result is
+            ``ao.CrossEntropyOutput(loss, z_loss, lse, token_accuracy)`` with the fields not asked for
+            None. ``z_loss``: the z term alone, reduced as in the loss (above), in the loss's dtype.
+            ``lse``: the log-sum-exp of each token's (softcapped) logits, fp32 (fp64 for fp64) ``[N]``
+            (``()`` for one token), 0 at ignored positions (their logits are not read). ``token_accuracy``:
+            fp32, the fraction of non-ignored tokens whose argmax over the vocabulary (ties to the lowest
+            index, as ``torch.argmax``) is the target (NaN when every token is ignored), taken from each
+            chunk's logits while they exist; per token (1.0 or 0.0, 0.0 where ignored) for
+            ``reduction="none"``; class-index targets only. These carry no gradient; each costs one
+            ``[N]`` buffer (and token_accuracy one argmax pass over each chunk of logits).
 
     Memory: beyond the inputs and the gradients themselves, the peak is one chunk of logits (forward
     writes the chunk's gradient into it; for bf16/fp16 with ``accumulate_fp32``, plus its fp32 copy
@@ -428,16 +438,8 @@ def linear_cross_entropy(
     A mean/sum loss scales its saved gradients in place for a non-unit upstream gradient: after
     such a backward, another one through the same loss (``retain_graph=True``) raises.
 
-        return_z_loss, return_lse, return_token_accuracy: keyword-only; when any is set the result is
-            ``ao.CrossEntropyOutput(loss, z_loss, lse, token_accuracy)`` with the fields not asked for
-            None. ``z_loss``: the z term alone, reduced as in the loss (above), in the loss's dtype.
-            ``lse``: the log-sum-exp of each token's (softcapped) logits, fp32 (fp64 for fp64) ``[N]``
-            (``()`` for one token), 0 at ignored positions (their logits are not read). ``token_accuracy``:
-            fp32, the fraction of non-ignored tokens whose argmax over the vocabulary (ties to the lowest
-            index, as ``torch.argmax``) is the target (NaN when every token is ignored), taken from each
-            chunk's logits while they exist; per token (1.0 or 0.0, 0.0 where ignored) for
-            ``reduction="none"``; class-index targets only. These carry no gradient; each costs one
-            ``[N]`` buffer (and token_accuracy one argmax pass over each chunk of logits).
+    torch.compile: compiles with ``fullgraph=True``, forward and backward (the compiled backward scales
+    the saved gradients unconditionally; a weighted mean with ``z_loss`` breaks the graph at its host read).
 
     Autocast: under ``torch.autocast`` (on the input's device, fp16/bf16/fp32 operands) the matmuls run
     in the autocast dtype, as ``F.linear`` does there (the three operands may then differ in dtype),
