@@ -166,6 +166,28 @@ def test_compile_fullgraph_forward_and_backward(backend_name, reduction):
         torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
 
 
+def test_compile_fullgraph_under_autocast():
+    """An autocast training step compiles whole: the autocast check and the casts are traced."""
+    x, w, b = _problem()
+    target = _targets()
+
+    def step(x, w, b):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return ao.linear_cross_entropy(x, w, target, b)
+
+    results = []
+    torch._dynamo.reset()
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        params = [p.clone().requires_grad_() for p in (x, w, b)]
+        loss = fn(*params)
+        loss.backward()
+        results.append([loss.detach(), *(p.grad for p in params)])
+    assert results[1][0].dtype == torch.float32
+    for eager, compiled in zip(*results, strict=True):
+        assert compiled.dtype == eager.dtype
+        torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+
+
 def test_compiled_bad_target_raises_index_error(backend_name):
     """Under torch.compile the kernels check the targets: the same IndexError, no crash or NaN. (The
     reference backend is PyTorch's composition: inductor's bounds check raises for it, a RuntimeError.)"""
