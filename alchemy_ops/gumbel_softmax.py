@@ -28,6 +28,7 @@ import torch
 from . import _checks, reference
 from ._backend import resolve
 from ._ops import ops
+from .softmax import autocast_to_fp32
 
 _SEED_HIGH = 2**63 - 1  # seeds are drawn in [0, 2^63 - 1)
 
@@ -81,6 +82,10 @@ def gumbel_softmax(
     Returns:
         A contiguous tensor of ``logits``' shape and dtype. A row whose max is NaN or +inf, or
         whose logits are all -inf, is NaN (as PyTorch's formula gives).
+
+    Autocast: PyTorch's policy for ``F.gumbel_softmax``, whose softmax autocast runs in fp32 on CUDA:
+    there fp16/bf16 logits give an fp32 sample (and a gradient in the logits' dtype); CPU autocast
+    leaves it in the logits' dtype.
     """
     del eps  # accepted and ignored, as in PyTorch
     logits = _checks.check_tensor("logits", logits)
@@ -91,6 +96,10 @@ def gumbel_softmax(
     tau = _check_tau(tau)
     dim = _checks.wrap_dim(dim, logits.dim())
     hard = bool(hard)
+    if autocast_to_fp32(logits):
+        # The kernel writes the logits' dtype, so fp32 under autocast means widening them first: exact,
+        # but one cast pass (an output-dtype argument of the operator would save it).
+        logits = logits.float()
     seed = draw_seed(logits.device, generator)
     which = resolve(logits)
     if which == "reference":

@@ -8,6 +8,22 @@ from . import _checks, reference
 from ._backend import resolve
 from ._ops import ops
 
+# Devices whose torch.autocast runs softmax and log_softmax in fp32: CUDA's "fp32_set_opt_dtype" policy
+# (fp16/bf16 input without dtype= gives an fp32 result; fp32 and fp64 input are left alone). CPU autocast
+# has no rule for them: they run in the input's dtype, as F.log_softmax does there.
+FP32_AUTOCAST_DEVICES = ("cuda",)
+
+
+def autocast_to_fp32(input: torch.Tensor) -> bool:
+    """Whether autocast asks for this fp16/bf16 input's softmax in fp32 (then computed from the
+    low-precision input inside the kernel, no cast pass). A cheap check that torch.compile traces."""
+    device = input.device.type
+    return (
+        input.dtype in (torch.float16, torch.bfloat16)
+        and device in FP32_AUTOCAST_DEVICES
+        and torch.is_autocast_enabled(device)
+    )
+
 
 def cast_before_kernel(input_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
     """Whether ``dtype=`` needs a separate cast: the kernels widen fp16/bf16 to fp32 for free;
@@ -18,6 +34,8 @@ def cast_before_kernel(input_dtype: torch.dtype, out_dtype: torch.dtype) -> bool
 
 def _softmax(input, dim, dtype, temperature, log: bool) -> torch.Tensor:
     input = _checks.check_tensor("input", input)
+    if dtype is None and autocast_to_fp32(input):
+        dtype = torch.float32
     out_dtype = _checks.result_dtype(input, dtype)
     temperature = _checks.check_temperature(temperature)
     dim = _checks.wrap_dim(dim, input.dim())
@@ -44,6 +62,10 @@ def log_softmax(
     Returns:
         A tensor of ``input``'s shape, dtype ``dtype or input.dtype``. Statistics are accumulated in
         fp32 (fp64 for fp64). A row whose max is NaN or +-inf (a fully ``-inf`` row included) is NaN, as in PyTorch.
+
+    Autocast: PyTorch's policy for ``torch.log_softmax``. Under CUDA autocast an fp16/bf16 input without
+    ``dtype=`` gives an fp32 result, computed from the fp16/bf16 values in the kernel (no cast pass); the
+    gradient comes back in the input's dtype. CPU autocast leaves softmax alone: the input's dtype.
     """
     return _softmax(input, dim, dtype, temperature, log=True)
 

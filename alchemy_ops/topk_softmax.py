@@ -83,6 +83,9 @@ def topk_softmax(
         logits), indices int64, sorted by descending logit; equal logits by lowest index; NaN counts as
         the largest value (as in ``torch.topk``). A row containing NaN or +inf, or all -inf, has NaN
         weights. Deterministic on every backend. ``weights`` is differentiable wrt ``logits``.
+
+    Autocast: nothing changes. The weights are already fp32 for fp16/bf16 logits, which is what autocast
+    gives the softmax of ``torch.topk``'s values on CUDA; the gradient is in the logits' dtype.
     """
     logits = _checks.check_tensor("logits", logits)
     if not logits.is_floating_point():
