@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                 "machine": info,
                 "copy_bandwidth_gb_s": bandwidth / 1e9,
                 "preset": args.preset,
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 "seconds": time.perf_counter() - started,
                 "results": rows,
                 "training_steps": steps,

@@ -168,6 +168,10 @@ def measure_cases(
     against the first provider's before it is timed; progress goes to stderr."""
     rows = []
     for i, case in enumerate(cases, 1):
+        # Dynamo keeps compiled code per Python code object, and the cases' torch.compile baselines share
+        # theirs across shapes and dtypes: past recompile_limit (8) compiles of one code object it runs
+        # that function eagerly, silently. A reset lets every case's baseline compile its own graph.
+        torch._dynamo.reset()
         gen = torch.Generator(device=device).manual_seed(0)
         x = torch.randn(case.x_shape, device=device, dtype=case.dtype, generator=gen) * 3
         memory_unit = torch.Size(case.memory_unit_shape or case.x_shape).numel() * x.element_size()

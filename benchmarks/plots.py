@@ -38,7 +38,9 @@ def _colors(providers: list[str]) -> dict[str, str]:
 
 def _machine_line(data: dict) -> str:
     m = data["machine"]
-    return f"{m['cpu']}, {m['torch_threads']} threads, torch {m['torch']} ({data['preset']} preset)"
+    thp = ", THP_MEM_ALLOC_ENABLE=1" if m.get("THP_MEM_ALLOC_ENABLE") == "1" else ""
+    date = f", {data['date']}" if "date" in data else ""
+    return f"{m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}{thp} ({data['preset']} preset{date})"
 
 
 def _panel_grid(rows: list[dict], value, label, xlabel: str, log: bool, title: str, out: Path) -> Path:
@@ -138,40 +140,63 @@ def plot_roofline(results_json: Path) -> Path | None:
     )  # fmt: skip
 
 
-def plot_vocabulary_sweep(results_json: Path) -> Path | None:
-    """``<stem>-vocab.png``: median time against the number of classes, one line per provider, one
-    panel per (op, mode, dtype, rows) measured at three or more class counts (the full preset, the
-    sweep); None when there is no such series."""
-    data = json.loads(Path(results_json).read_text())
+def _vocabulary_series(rows: list[dict]) -> dict[tuple, tuple[list[dict], str]]:
+    """Per (op, mode, dtype) of 2-d cases: the rows to draw against the class count and the y label.
+    The row count measured at the most class counts (at least 3) gives a fixed-rows series in ms (the
+    sweep); failing that, one shape per class count (the full preset) gives µs per row."""
     groups: dict[tuple, list[dict]] = {}
-    for r in data["results"]:
+    for r in rows:
         if len(r["shape"]) == 2:
-            groups.setdefault((r["op"], r["mode"], r["dtype"], r["shape"][0]), []).append(r)
-    groups = {k: v for k, v in groups.items() if len({r["shape"][1] for r in v}) >= 3}
-    if not groups:
+            groups.setdefault((r["op"], r["mode"], r["dtype"]), []).append(r)
+    series = {}
+    for key, group in groups.items():
+        by_rows: dict[int, set[int]] = {}
+        for r in group:
+            by_rows.setdefault(r["shape"][0], set()).add(r["shape"][1])
+        n = max(by_rows, key=lambda k: (len(by_rows[k]), k))
+        if len(by_rows[n]) >= 3:
+            series[key + (f"{n} rows",)] = ([r for r in group if r["shape"][0] == n], "median ms")
+        elif len({r["shape"][1] for r in group}) >= 3 and len({tuple(r["shape"]) for r in group}) == len(
+            {r["shape"][1] for r in group}
+        ):
+            series[key + ("rows vary",)] = (group, "µs per row")
+    return series
+
+
+def plot_vocabulary_sweep(results_json: Path) -> Path | None:
+    """``<stem>-vocab.png``: time against the number of classes, one line per provider, one panel per
+    (op, mode, dtype), as Liger-Kernel's benchmarks draw it; None when no series has 3 class counts."""
+    data = json.loads(Path(results_json).read_text())
+    series = _vocabulary_series(data["results"])
+    if not series:
         return None
-    providers = list(dict.fromkeys(r["provider"] for g in groups.values() for r in g))
+    providers = list(dict.fromkeys(r["provider"] for group, _ in series.values() for r in group))
     colors = _colors(providers)
-    cols = min(4, len(groups))
-    nrows = -(-len(groups) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.2 * nrows + 0.6), squeeze=False)
-    for ax in axes.flat[len(groups) :]:
+    cols = min(3, len(series))
+    nrows = -(-len(series) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows + 0.8), squeeze=False, layout="constrained")
+    for ax in axes.flat[len(series) :]:
         ax.set_visible(False)
-    for ax, ((op, mode, dtype, n), group) in zip(axes.flat, groups.items(), strict=False):
+    for ax, ((op, mode, dtype, rows_label), (group, unit)) in zip(axes.flat, series.items(), strict=False):
         for prov in dict.fromkeys(r["provider"] for r in group):
-            pts = sorted((r["shape"][1], r["median_ms"]) for r in group if r["provider"] == prov)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3, color=colors[prov], label=prov)
+            pts = sorted(
+                (r["shape"][1], r["median_ms"] if unit == "median ms" else r["median_ms"] / r["shape"][0] * 1e3)
+                for r in group
+                if r["provider"] == prov
+            )
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3, color=colors[prov])
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("classes (vocabulary size)", fontsize=7)
-        ax.set_ylabel("median ms", fontsize=7)
+        ax.set_ylabel(unit, fontsize=7)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3, which="both")
-        ax.set_title(f"{op} {mode}\n{dtype}, {n} rows", fontsize=8)
+        ax.set_title(f"{op} — {mode}\n{dtype}, {rows_label}", fontsize=8)
     handles = [plt.Line2D([], [], color=colors[p], marker="o") for p in providers]
-    fig.legend(handles, providers, loc="upper center", ncol=len(providers), fontsize=8, frameon=False)
-    fig.suptitle(f"time against vocabulary size — {_machine_line(data)}", fontsize=9, y=0.995, va="top")
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.6 / (3.2 * nrows + 0.6)))
+    fig.legend(
+        handles, providers, loc="outside upper center", ncol=len(providers), fontsize=8, frameon=False,
+        title=f"time against vocabulary size — {_machine_line(data)}", title_fontsize=9,
+    )  # fmt: skip
     out = Path(results_json).with_name(Path(results_json).stem + "-vocab.png")
     fig.savefig(out, dpi=100)
     plt.close(fig)

@@ -20,7 +20,7 @@ def summary_markdown(data: dict) -> str:
     the [N, V] logits for linear_cross_entropy); then the machine line."""
     rows = [r for r in data["results"] if r["mode"].startswith("forward+backward")]
     lines = [
-        "| op (forward+backward) | dtype | shape | alchemy_ops | "
+        "| op (forward+backward) | dtype | shape | alchemy_ops time | "
         + " | ".join(f"× vs {name}" for name in BASELINES.values())
         + " | peak memory, ours / eager |",
         "|---|---|---|---:|" + "---:|" * len(BASELINES) + "---:|",
@@ -42,9 +42,10 @@ def summary_markdown(data: dict) -> str:
             f" | {memory} |"
         )
     m = data["machine"]
+    date = f", {data['date']}" if "date" in data else ""
     lines.append("")
     lines.append(
-        f"`make bench` ({data['preset']} preset) on {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch"
+        f"`make bench` ({data['preset']} preset{date}) on {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch"
         f" threads, {'GPU ' + m['gpu'] if m.get('gpu') else 'no GPU'}), torch {m['torch']}: median wall times;"
         " × = the baseline's time over ours; memory in units of the input (the logits for"
         " `linear_cross_entropy`)."

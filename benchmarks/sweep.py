@@ -151,21 +151,24 @@ def run_sweep(
     shapes = sweep_shapes() if shapes is None else shapes
     started = time.perf_counter()
     bandwidth = copy_bandwidth(1 << 26, device)
-    rows = []
-    for i, shape in enumerate(shapes, 1):
-        print(f"[{i}/{len(shapes)}] {'x'.join(map(str, shape))}", flush=True)
-        cases = sweep_cases(shape, ops, device, compile_baseline)
-        rows += measure_cases(cases, device, 1, reps, max_seconds=4.0, bandwidth=bandwidth, min_seconds=min_seconds)
     data = {
         "machine": machine(),
         "copy_bandwidth_gb_s": bandwidth / 1e9,
         "preset": "sweep",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "max_elements": MAX_ELEMENTS,
-        "seconds": time.perf_counter() - started,
-        "results": rows,
+        "seconds": 0.0,
+        "results": [],
     }
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(data, indent=1))
+    for i, shape in enumerate(shapes, 1):
+        print(f"[{i}/{len(shapes)}] {'x'.join(map(str, shape))}", flush=True)
+        cases = sweep_cases(shape, ops, device, compile_baseline)
+        data["results"] += measure_cases(
+            cases, device, 1, reps, max_seconds=4.0, bandwidth=bandwidth, min_seconds=min_seconds
+        )
+        data["seconds"] = time.perf_counter() - started
+        output.write_text(json.dumps(data, indent=1))  # after every cell: an interrupted sweep keeps its cells
     print(f"results: {output}")
     for path in write_outputs(output):
         print(f"wrote: {path}")
