@@ -255,7 +255,7 @@ def plot_sweep_heatmap(results_json: Path) -> Path:
     losing = sum(c["ratio"] > 1 for c in all_cells)
     fig.suptitle(
         f"alchemy_ops time / faster of eager and torch.compile, 20th-percentile calls (> 1, red: we lose;"
-        f" {losing} of {len(all_cells)} cells) — {_machine_line(data)}",
+        f" {losing} of {len(all_cells)} cells)\n{_machine_line(data)}",
         fontsize=8.5,
     )
     bar = fig.colorbar(image, ax=axes, shrink=0.5, label="ours / best baseline")

@@ -33,10 +33,12 @@ PROVIDERS = ("alchemy_ops", "torch eager", "torch.compile")
 BASELINES = PROVIDERS[1:]
 LOSS_MARGIN = 1.05  # a loss by more than this is beyond the noise of one run (issue 13's bar)
 # Cells compare each provider's 20th-percentile call, not its median: on a shared machine interference
-# only adds time, and to the providers unevenly (an eager op that enters an OpenMP region waits for
-# its second thread when that thread has no core: 40-150 ms calls of a 10 µs op were measured so,
-# at cpu/wall 0.15). The JSON keeps the medians too.
+# only adds time, and to the providers unevenly (under load, 40-150 ms calls of a 10 µs eager op were
+# measured at cpu/wall 0.15: waiting, not computing). The JSON keeps the medians too.
 STAT = "p20_ms"
+# A cell in which some provider's process used less CPU than this per wall second mostly waited (for a
+# core, a thread): its times say more about the machine's load than about the kernels.
+WAITED = 0.5
 
 
 def sweep_shapes() -> list[tuple[int, ...]]:
@@ -65,13 +67,15 @@ def sweep_cases(shape: tuple[int, ...], ops, device: str, compile_baseline: bool
 
 
 def cells(rows: list[dict]) -> list[dict]:
-    """One entry per (op, mode, dtype, shape): each provider's ``STAT`` in ms and ``ratio``, ours over
-    the faster baseline (> 1: we lose), sorted worst first. Cells without a baseline are left out."""
+    """One entry per (op, mode, dtype, shape): each provider's ``STAT`` in ms, ``ratio``, ours over
+    the faster baseline (> 1: we lose), and ``cpu_per_wall``, the lowest of the providers'; sorted
+    worst first. Cells without a baseline are left out."""
     by_cell: dict[tuple, dict] = {}
     for r in rows:
         key = (r["op"], r["mode"], r["dtype"], tuple(r["shape"]))
-        by_cell.setdefault(key, {"op": key[0], "mode": key[1], "dtype": key[2], "shape": list(key[3])})
-        by_cell[key][r["provider"]] = r[STAT]
+        cell = by_cell.setdefault(key, {"op": key[0], "mode": key[1], "dtype": key[2], "shape": list(key[3])})
+        cell[r["provider"]] = r[STAT]
+        cell["cpu_per_wall"] = min(cell.get("cpu_per_wall", r["cpu_per_wall"]), r["cpu_per_wall"])
     out = []
     for cell in by_cell.values():
         baselines = [cell[p] for p in BASELINES if p in cell]
@@ -97,14 +101,15 @@ def losses_markdown(data: dict) -> str:
         f" `python -m benchmarks --preset sweep` ({data.get('date', 'undated')}) on"
         f" {m['cpu']}, {m['torch_threads']} torch threads, torch {m['torch']}; a shared machine is noisy,"
         " so rerun a cell before believing a small loss.\n",
-        "| op | mode | shape | alchemy_ops ms | eager ms | compile ms | ours / best |",
-        "|---|---|---|---:|---:|---:|---:|",
+        f'A low "min cpu/wall" (below {WAITED}) marks a cell where some provider mostly waited: rerun it.\n',
+        "| op | mode | shape | alchemy_ops ms | eager ms | compile ms | ours / best | min cpu/wall |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for c in losing:
         shape = "x".join(map(str, c["shape"]))
         lines.append(
             f"| {c['op']} | {c['mode']} | {shape} | {_ms(c, 'alchemy_ops')} | {_ms(c, 'torch eager')}"
-            f" | {_ms(c, 'torch.compile')} | {c['ratio']:.2f} |"
+            f" | {_ms(c, 'torch.compile')} | {c['ratio']:.2f} | {c['cpu_per_wall']:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -116,14 +121,15 @@ def print_summary(data: dict, worst: int = 10) -> None:
     print(
         f"sweep: {len(all_cells)} cells, {len(losing)} where alchemy_ops is slower than the faster baseline"
         f" ({sum(c['ratio'] > LOSS_MARGIN for c in losing)} by more than {LOSS_MARGIN - 1:.0%}),"
-        f" {data['seconds']:.0f} s"
+        f" {data['seconds']:.0f} s; in {sum(c['cpu_per_wall'] < WAITED for c in all_cells)} cells a provider"
+        f" mostly waited (cpu/wall < {WAITED}): rerun those on a quiet machine"
     )
-    print(f"{'worst cells (p20 ms)':<52} {'ours':>9} {'eager':>9} {'compile':>10} {'ours/best':>9}")
+    print(f"{'worst cells (p20 ms)':<52} {'ours':>9} {'eager':>9} {'compile':>10} {'ours/best':>9} {'cpu/wall':>8}")
     for c in all_cells[:worst]:
         name = f"{c['op']} {c['mode']} {'x'.join(map(str, c['shape']))}"
         print(
             f"{name:<52} {_ms(c, 'alchemy_ops'):>9} {_ms(c, 'torch eager'):>9} {_ms(c, 'torch.compile'):>10}"
-            f" {c['ratio']:>9.2f}"
+            f" {c['ratio']:>9.2f} {c['cpu_per_wall']:>8.2f}"
         )
 
 

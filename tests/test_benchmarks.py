@@ -74,3 +74,34 @@ def test_shape_sweep_runs(tmp_path, capsys):
     assert sum(line.startswith("| ") for line in table.splitlines()) == 1 + len(losing)  # header + cells
     assert out.with_name("sweep-heatmap.png").stat().st_size > 0
     assert f"sweep: {len(cells)} cells, {len(losing)} where" in capsys.readouterr().out
+
+
+def test_vocabulary_chart_series(tmp_path):
+    """The vocabulary chart draws a fixed row count measured at 3+ class counts (the sweep) in ms, and
+    one shape per class count (the full preset) per row; nothing when there is no such series."""
+    from benchmarks.plots import _vocabulary_series, plot_vocabulary_sweep
+
+    def row(shape, provider="alchemy_ops", op="softmax"):
+        return {"op": op, "mode": "forward", "dtype": "float32", "shape": shape, "provider": provider, "median_ms": 1.0}
+
+    sweep_rows = [row([n, c], p) for n in (4, 64) for c in (3, 10, 21) for p in ("alchemy_ops", "torch eager")]
+    sweep_rows.append(row([512, 3]))
+    full_rows = [row(s, op="log_softmax") for s in ([4096, 1024], [4096, 32000], [256, 262144])]
+    series = _vocabulary_series(sweep_rows + full_rows)
+    assert set(series) == {
+        ("softmax", "forward", "float32", "64 rows"),  # the larger of the rows with the most class counts
+        ("log_softmax", "forward", "float32", "rows vary"),
+    }
+    assert series[("softmax", "forward", "float32", "64 rows")] == (
+        [r for r in sweep_rows if r["shape"][0] == 64],
+        "median ms",
+    )
+    assert series[("log_softmax", "forward", "float32", "rows vary")] == (full_rows, "µs per row")
+    assert _vocabulary_series([row([4, 3]), row([4, 10]), row([64, 10])]) == {}  # two class counts
+
+    data = {"machine": {"cpu": "cpu", "torch_threads": 2, "torch": "x"}, "preset": "sweep", "results": sweep_rows}
+    out = tmp_path / "s.json"
+    out.write_text(json.dumps(data))
+    assert plot_vocabulary_sweep(out).stat().st_size > 0
+    out.write_text(json.dumps({**data, "results": sweep_rows[:2]}))
+    assert plot_vocabulary_sweep(out) is None
