@@ -245,7 +245,7 @@ def plot_sweep_heatmap(results_json: Path) -> Path:
             i, j = row_keys.index(row_key(c)), col_keys.index(col_key(c))
             grid[i][j] = math.log2(c["ratio"])
             dark = abs(grid[i][j]) > 0.6 * bound  # white text on the saturated colours
-            ax.text(j, i, f"{c['ratio']:.2f}", ha="center", va="center", fontsize=6.5, color="w" if dark else "k")
+            ax.text(j, i, f"{c['ratio']:.3g}", ha="center", va="center", fontsize=6.5, color="w" if dark else "k")
         image = ax.imshow(grid, cmap="RdBu_r", norm=norm, aspect="auto")
         ax.set_xticks(range(len(col_keys)), [str(k) for k in col_keys], fontsize=7, rotation=45)
         ax.set_yticks(range(len(row_keys)), [str(k) for k in row_keys], fontsize=7)
