@@ -27,8 +27,15 @@ build: $(VENV)/.ready $(SOURCES)
 test: build lint
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -ra tests
 
+# The quick preset (< 5 min here): JSON + charts in benchmarks/results/, then the README table from it.
 bench: build
 	$(PY) -m benchmarks --preset quick
+	@echo "refresh the README table: $(PY) -m benchmarks --summary benchmarks/results/quick.json --update-readme"
+
+# The shape sweep (not part of bench): sweep.json, sweep-heatmap.png, sweep-losses.md and a summary.
+.PHONY: sweep
+sweep: build
+	$(PY) -m benchmarks --preset sweep
 
 lint: $(VENV)/.ready
 	$(VENV)/bin/ruff check alchemy_ops tests benchmarks tools setup.py

@@ -60,11 +60,13 @@ def _triton_provider(device: str) -> bool:
     return device == "cuda" and "triton" in ao.available_backends()
 
 
-def softmax_cases(shapes, dtypes, device: str, compile_baseline: bool) -> list[Case]:
+def softmax_cases(shapes, dtypes, device: str, compile_baseline: bool, dim: int = -1) -> list[Case]:
+    """``log_softmax`` and ``softmax`` along ``dim`` (-1: rows; 1: the class dim of ``[N, C, d...]``).
+    Bytes that must move: forward reads x and writes y; backward reads dy and y and writes dx."""
     cases = []
     for op, ours, theirs in [
-        ("log_softmax", ao.log_softmax, lambda t: F.log_softmax(t, -1)),
-        ("softmax", ao.softmax, lambda t: F.softmax(t, -1)),
+        ("log_softmax", ao.log_softmax, lambda t: F.log_softmax(t, dim)),
+        ("softmax", ao.softmax, lambda t: F.softmax(t, dim)),
     ]:
         for shape in shapes:
             for dtype in dtypes:
@@ -73,7 +75,7 @@ def softmax_cases(shapes, dtypes, device: str, compile_baseline: bool) -> list[C
                     case = Case(
                         op, "forward+backward" if backward else "forward", dtype, shape, passes=5 if backward else 2
                     )
-                    case.providers["alchemy_ops"] = _runner(lambda t, f=ours: f(t, -1), backward, grad)
+                    case.providers["alchemy_ops"] = _runner(lambda t, f=ours: f(t, dim), backward, grad)
                     if _triton_provider(device):
                         case.providers["ao triton"] = _on_backend("triton", case.providers["alchemy_ops"])
                     case.providers["torch eager"] = _runner(theirs, backward, grad)
