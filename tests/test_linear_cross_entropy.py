@@ -427,9 +427,9 @@ BAD_INPUTS = [
         (_x(9, 3), _w(), torch.tensor([0, 1, 2, 3, 4, 4, 3, 5, 0])),
         {"chunk_size": 2},
         IndexError,
-        r"target 5 at position \(7,\).*5 classes",
+        r"Target 5 is out of bounds \(position \(7,\), 5 classes",
     ),  # fmt: skip
-    ("negative target", (_x(), _w(), torch.tensor([0, -3, 1, 2])), {}, IndexError, r"target -3 at position \(1,\)"),
+    ("negative target", (_x(), _w(), torch.tensor([0, -3, 1, 2])), {}, IndexError, r"Target -3 is out of bounds \(position \(1,\)"),
     ("probability target with grad", (_x(), _w(), torch.rand(4, 5, requires_grad=True)), {}, ValueError, "detach"),
 ]
 

@@ -197,7 +197,7 @@ def test_compiled_bad_target_raises_index_error(backend_name):
     torch._dynamo.reset()
     compiled = torch.compile(lambda x, w, t, b: ao.linear_cross_entropy(x, w, t, b), fullgraph=True)
     error, match = (
-        (IndexError, f"target {VOCAB + 3} at position")
+        (IndexError, f"Target {VOCAB + 3} is out of bounds")
         if backend_name != "reference"
         else (RuntimeError, "out of bounds")
     )
