@@ -63,10 +63,12 @@ def cross_entropy(
     z = capped(input, softcap or 0.0)
     w = None if weight is None else weight.to(acc)
     soft = target.is_floating_point()
-    loss = torch.nn.functional.cross_entropy(
-        z, target.to(acc) if soft else target, weight=w, ignore_index=ignore_index, reduction="none",
-        label_smoothing=label_smoothing,
-    )  # fmt: skip
+    # ATen's loss, not F.cross_entropy: a user may have set F.cross_entropy = ao.cross_entropy, which
+    # under this backend would call back here forever.
+    none = torch.nn._reduction.get_enum("none")
+    loss = torch._C._nn.cross_entropy_loss(
+        z, target.to(acc) if soft else target, w, none, ignore_index, label_smoothing
+    )
     z_term = torch.zeros((), dtype=acc, device=input.device)
     if z_loss:
         lse = torch.logsumexp(z, dim=1 if z.dim() > 1 else 0)

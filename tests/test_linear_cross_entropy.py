@@ -429,7 +429,7 @@ BAD_INPUTS = [
         IndexError,
         r"Target 5 is out of bounds \(position \(7,\), 5 classes",
     ),  # fmt: skip
-    ("negative target", (_x(), _w(), torch.tensor([0, -3, 1, 2])), {}, IndexError, r"Target -3 is out of bounds \(position \(1,\)"),
+    ("negative target", (_x(), _w(), torch.tensor([0, -3, 1, 2])), {}, IndexError, r"Target -3 .*\(position \(1,\)"),
     ("probability target with grad", (_x(), _w(), torch.rand(4, 5, requires_grad=True)), {}, ValueError, "detach"),
 ]
 
