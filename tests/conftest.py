@@ -87,3 +87,10 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(cuda)
         if _runs_triton_on_cpu(item):
             item.add_marker(interpreter)
+    # Slow tests (minutes of CPU here) run only when a -m expression is given, e.g. `-m slow` or
+    # make gpu-check's `-m "cuda or slow"`.
+    if not config.option.markexpr:
+        slow = [item for item in items if "slow" in item.keywords]
+        if slow:
+            config.hook.pytest_deselected(items=slow)
+            items[:] = [item for item in items if "slow" not in item.keywords]

@@ -4,9 +4,9 @@ Stages, each with its time budget (8 minutes in all on 16 cores and one H200):
 
 1. build  (<= 3 min): alchemy_ops._C with its CUDA kernels, in place, for this GPU's arch only,
    MAX_JOBS = the core count.
-2. tests  (<= 3 min): every CUDA test (`pytest -m cuda`: each op x dtype x layout x backend, against
-   float64 and the CPU kernels, gradcheck, opcheck, torch.compile, bad inputs, the >2^31-element
-   cases), spread over pytest-xdist workers when installed; a JUnit XML report.
+2. tests  (<= 3 min): every CUDA test and the slow CPU ones (`pytest -m "cuda or slow"`: each op x dtype x
+   layout x backend, against float64 and the CPU kernels, gradcheck, opcheck, torch.compile, bad inputs,
+   the >2^31-element cases), spread over pytest-xdist workers when installed; a JUnit XML report.
 3. bench  (<= 2 min): `python -m benchmarks --device cuda --preset quick`, one op at a time so a
    stage that runs out of time keeps what it measured (Liger-Kernel is a cross-entropy provider
    when it is installed).
@@ -155,7 +155,7 @@ def run_tests(stamp: str, workers: int) -> dict:
         "-m",
         "pytest",
         "-m",
-        "cuda",
+        "cuda or slow",
         "-q",
         "-ra",
         "tests",
