@@ -119,5 +119,11 @@ def test_summary_prints_stages_tests_and_benchmark_fractions(gpu_check, tmp_path
     assert "not run (out of time): linear_cross_entropy" in text
 
 
+def test_nvcc_release_is_read_from_its_version_text(gpu_check):
+    text = "nvcc: NVIDIA (R) Cuda compiler driver\nCuda compilation tools, release 13.0, V13.0.88\n"
+    assert gpu_check.nvcc_release(text) == "13.0"
+    assert gpu_check.nvcc_release("bash: nvcc: command not found") is None
+
+
 def test_default_workers_is_bounded(gpu_check):
     assert 1 <= gpu_check.default_workers() <= 8

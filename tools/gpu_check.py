@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -93,9 +94,22 @@ def check_torch() -> str:
             "no CUDA GPU is visible to torch (torch.cuda.is_available() is False): check the driver and "
             "CUDA_VISIBLE_DEVICES; this check needs a GPU and does not skip without one"
         )
+    nvcc = nvcc_path()
+    release = nvcc_release(subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout) if nvcc else None
+    if release is None or release.split(".")[0] != torch.version.cuda.split(".")[0]:
+        raise GpuCheckError(
+            f"nvcc {release or 'not found'} ({nvcc}) does not match torch's CUDA {torch.version.cuda}: torch's "
+            f"extension builder refuses another major version; set CUDA_HOME to a CUDA {torch.version.cuda} toolkit"
+        )
     major, minor = torch.cuda.get_device_capability()
     print(f"gpu-check: torch {torch.__version__} (CUDA {torch.version.cuda}) on {torch.cuda.get_device_name()}")
     return f"{major}.{minor}"
+
+
+def nvcc_release(version_text: str) -> str | None:
+    """The release ("13.0") in the output of `nvcc --version`, None if there is none."""
+    found = re.search(r"release (\d+\.\d+)", version_text)
+    return found.group(1) if found else None
 
 
 # ---- stages --------------------------------------------------------------------------------------------
