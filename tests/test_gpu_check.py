@@ -4,6 +4,7 @@ JUnit report and of benchmark results (fed small fake ones here) counts and prin
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -127,3 +128,42 @@ def test_nvcc_release_is_read_from_its_version_text(gpu_check):
 
 def test_default_workers_is_bounded(gpu_check):
     assert 1 <= gpu_check.default_workers() <= 8
+
+
+def test_bench_stage_gathers_each_op_and_lists_failures(gpu_check, monkeypatch, tmp_path):
+    """One benchmark process per op: their rows are gathered; an op whose run fails is listed, not lost."""
+    monkeypatch.setattr(gpu_check, "RESULTS", tmp_path)
+
+    def fake_run(cmd, budget_s, log, env=None):
+        op = cmd[cmd.index("--ops") + 1]
+        if op == "gumbel_softmax":
+            return 1, 0.5, False
+        row = {"op": op, "mode": "forward", "dtype": "float32", "shape": [8, 8], "provider": "alchemy_ops"}
+        Path(cmd[cmd.index("--output") + 1]).write_text(json.dumps({"copy_bandwidth_gb_s": 3000.0, "results": [row]}))
+        return 0, 0.5, False
+
+    monkeypatch.setattr(gpu_check, "run_with_budget", fake_run)
+    bench = gpu_check.run_bench("stamp")
+    assert [r["op"] for r in bench["results"]] == [op for op in gpu_check.BENCH_OPS if op != "gumbel_softmax"]
+    assert bench["failed"] == ["gumbel_softmax"] and bench["not_run"] == [] and not bench["ok"]
+    assert bench["copy_bandwidth_gb_s"] == 3000.0
+
+
+def test_main_writes_the_report_and_fails_when_a_stage_fails(gpu_check, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(gpu_check, "RESULTS", tmp_path)
+    monkeypatch.setattr(gpu_check, "check_torch", lambda: "9.0")
+    monkeypatch.setattr(gpu_check, "build", lambda arch, stamp: {"ok": True, "seconds": 1.0, "timed_out": False})
+    tests = {
+        "ok": False,
+        "seconds": 2.0,
+        "timed_out": False,
+        "counts": {"softmax cpp": {"passed": 3, "failed": 1, "skipped": 0}},
+    }
+    monkeypatch.setattr(gpu_check, "run_tests", lambda stamp, workers: tests)
+    bench = {"ok": True, "seconds": 3.0, "copy_bandwidth_gb_s": None, "results": [], "failed": [], "not_run": []}
+    monkeypatch.setattr(gpu_check, "run_bench", lambda stamp: bench)
+    assert gpu_check.main(["--workers", "2"]) == 1
+    (report,) = tmp_path.glob("gpu-*.json")
+    assert json.loads(report.read_text())["tests"]["counts"] == tests["counts"]
+    out = capsys.readouterr().out
+    assert "tests  FAILED" in out and "softmax" in out and str(report) in out
