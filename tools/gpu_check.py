@@ -116,8 +116,8 @@ def nvcc_release(version_text: str) -> str | None:
 
 
 def run_with_budget(cmd: list[str], budget_s: float, log: Path, env: dict | None = None) -> tuple[int, float, bool]:
-    """Runs cmd (output to log and the terminal); past the budget sends SIGINT (pytest then still writes its
-    report), then kills. Returns (exit code, seconds, whether it ran out of time)."""
+    """Runs cmd with its output to log; past the budget sends SIGINT (pytest then still writes its report),
+    then kills. Returns (exit code, seconds, whether it ran out of time)."""
     started = time.monotonic()
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -180,7 +180,7 @@ def run_tests(stamp: str, workers: int) -> dict:
     if workers > 1:
         cmd += ["-n", str(workers)]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # Triton compiles for the GPU here
-    print(f"gpu-check: CUDA tests on {workers} worker(s) (budget {BUDGET_S['tests']} s)", flush=True)
+    print(f"gpu-check: CUDA and slow tests on {workers} worker(s) (budget {BUDGET_S['tests']} s)", flush=True)
     code, seconds, timed_out = run_with_budget(cmd, BUDGET_S["tests"], log, env)
     counts = summarize_junit(junit) if junit.exists() else {}
     return {
@@ -250,7 +250,8 @@ def summary_lines(report: dict) -> list[str]:
             continue
         state = "ok" if r["ok"] else "FAILED"
         over = " (over budget: stopped)" if r.get("timed_out") else ""
-        lines.append(f"{stage:<6} {state:<7} {r['seconds']:6.0f} s of {BUDGET_S[stage]} s{over}")
+        log = f"  log: {r['log']}" if not r["ok"] and "log" in r else ""
+        lines.append(f"{stage:<6} {state:<7} {r['seconds']:6.0f} s of {BUDGET_S[stage]} s{over}{log}")
     tests = report.get("tests")
     if tests and tests["counts"]:
         lines += ["", f"{'tests: op':<28} {'backend':<10} {'passed':>7} {'failed':>7} {'skipped':>8}"]
