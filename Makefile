@@ -9,7 +9,7 @@ export MAX_JOBS ?= 2
 
 SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 
-.PHONY: all build test bench lint cuda-check clean
+.PHONY: all build test bench lint cuda-check gpu-check clean
 
 all: test
 
@@ -51,6 +51,20 @@ $(CUDA_VENV)/.ready: requirements/cuda-check.txt
 
 cuda-check: $(CUDA_VENV)/.ready
 	CUDA_HOME=$(CUDA_HOME) PATH=$(CUDA_HOME)/bin:$$PATH $(CUDA_PY) tools/cuda_check.py
+
+# The one command for a GPU box (docs/gpu.md): fails at once when no GPU is visible, else adds the test
+# and bench deps to .venv-cuda, builds the CUDA kernels, runs every CUDA test and the quick benchmark on
+# the device and prints one summary (tools/gpu_check.py; results in benchmarks/results/gpu-*.json).
+$(CUDA_VENV)/.gpu-ready: $(CUDA_VENV)/.ready requirements/gpu-check.txt
+	$(CUDA_PY) -m pip install --quiet -r requirements/gpu-check.txt
+	$(CUDA_PY) -m pip install --quiet --no-deps liger-kernel==0.8.5 \
+		|| echo "gpu-check: Liger-Kernel not installed; the benchmark runs without it"
+	touch $@
+
+gpu-check:
+	CUDA_HOME=$(CUDA_HOME) PATH=$(CUDA_HOME)/bin:$$PATH $(PYTHON) tools/gpu_check.py --preflight
+	$(MAKE) $(CUDA_VENV)/.gpu-ready
+	CUDA_HOME=$(CUDA_HOME) PATH=$(CUDA_HOME)/bin:$$PATH $(CUDA_PY) tools/gpu_check.py
 
 clean:
 	rm -rf build alchemy_ops/_C*.so

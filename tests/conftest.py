@@ -26,7 +26,9 @@ def _poison_cpu_allocations() -> None:
 _poison_cpu_allocations()
 
 BACKENDS = ao.available_backends()
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# The CUDA variants are collected everywhere and skipped only where no GPU is visible, so a CPU-only
+# machine still sees (and tests/test_cuda_collection.py counts) the CUDA test set.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 # (atol, rtol) against a float64 reference computed from the same (rounded) inputs.
 TOLERANCES = {
@@ -43,6 +45,18 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     torch.testing.assert_close(actual.double(), expected.double(), atol=atol * scale, rtol=rtol, equal_nan=True)
 
 
+def to_device(obj, device: str):
+    """``obj`` with every CPU tensor in it (also inside tuples, lists and dicts) moved to ``device``;
+    tensors elsewhere (the meta tensors of the device-mismatch cases) stay where they are."""
+    if torch.is_tensor(obj):
+        return obj.to(device) if obj.device.type == "cpu" else obj
+    if isinstance(obj, tuple | list):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     with ao.backend(request.param):
@@ -54,8 +68,29 @@ def device(request):
     return request.param
 
 
+def _runs_triton_on_cpu(item: pytest.Item) -> bool:
+    params = getattr(item, "callspec", None)
+    params = params.params if params else {}
+    backend_name = params.get("backend", params.get("backend_name"))
+    return backend_name == "triton" and params.get("device", "cpu") == "cpu"
+
+
 def pytest_collection_modifyitems(config, items):
     cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+    # On a GPU box Triton compiles for the GPU; CPU tensors need its interpreter, chosen before import.
+    interpreter = pytest.mark.skipif(
+        os.environ.get("TRITON_INTERPRET") != "1",
+        reason="Triton runs CPU tensors only under TRITON_INTERPRET=1 (make test sets it)",
+    )
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(cuda)
+        if _runs_triton_on_cpu(item):
+            item.add_marker(interpreter)
+    # Slow tests (minutes of CPU here) run only when a -m expression is given, e.g. `-m slow` or
+    # make gpu-check's `-m "cuda or slow"`.
+    if not config.option.markexpr:
+        slow = [item for item in items if "slow" in item.keywords]
+        if slow:
+            config.hook.pytest_deselected(items=slow)
+            items[:] = [item for item in items if "slow" not in item.keywords]

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close
+from conftest import assert_close, to_device
 
 import alchemy_ops as ao
 from alchemy_ops import reference
@@ -17,19 +17,23 @@ DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 OPS = torch.ops.alchemy_ops
 
 
-def _logits(shape, dtype=torch.float32, seed=0, layout="contiguous", spread=3.0):
+def _logits(shape, dtype=torch.float32, seed=0, layout="contiguous", spread=3.0, device="cpu"):
     """Random logits (never constant) in the requested layout; class dim 1 (0 for 1-d)."""
     g = torch.Generator().manual_seed(seed)
+
+    def buffer(*size):  # drawn on CPU (the same values on every device), the view taken after the move
+        return (torch.randn(size, generator=g) * spread).to(device=device, dtype=dtype)
+
     if layout == "transposed":  # [N, C] whose class dim has the large stride
-        x = torch.randn(tuple(reversed(shape)), generator=g).t()
+        x = buffer(*reversed(shape)).t()
     elif layout == "sliced":  # rows further apart than their length
-        x = torch.randn(*shape[:-1], shape[-1] + 3, generator=g)[..., 1 : 1 + shape[-1]]
+        x = buffer(*shape[:-1], shape[-1] + 3)[..., 1 : 1 + shape[-1]]
     elif layout == "permuted":  # [N, C, H, W] from a [C, H, N, W] buffer: outer dims do not collapse
         n, c, h, w = shape
-        x = torch.randn(c, h, n, w, generator=g).permute(2, 0, 1, 3)
+        x = buffer(c, h, n, w).permute(2, 0, 1, 3)
     else:
-        x = torch.randn(shape, generator=g)
-    return (x * spread).to(dtype)
+        x = buffer(*shape)
+    return x
 
 
 def _class_dim(x):
@@ -43,12 +47,12 @@ def _targets(x, seed=1, ignore_index=-100, ignore_every=4):
     t = torch.randint(0, classes, shape, generator=torch.Generator().manual_seed(seed))
     if ignore_every and t.numel() > 1:
         t.view(-1)[::ignore_every] = ignore_index
-    return t
+    return t.to(x.device)
 
 
 def _probabilities(x, seed=2):
     g = torch.Generator().manual_seed(seed)
-    return torch.softmax(torch.randn(x.shape, generator=g) * 2, _class_dim(x)).to(x.dtype)
+    return torch.softmax(torch.randn(x.shape, generator=g) * 2, _class_dim(x)).to(device=x.device, dtype=x.dtype)
 
 
 def _oracle(x, target, **kw):
@@ -106,7 +110,8 @@ def _build(x, mode):
     kw = dict(MODES[mode])
     probs = kw.pop("probs", False)
     if kw.pop("weight", False):
-        kw["weight"] = torch.rand(x.shape[_class_dim(x)], generator=torch.Generator().manual_seed(3)) + 0.2
+        w = torch.rand(x.shape[_class_dim(x)], generator=torch.Generator().manual_seed(3)) + 0.2
+        kw["weight"] = w.to(x.device)
     target = _probabilities(x) if probs else _targets(x, ignore_index=kw.get("ignore_index", -100))
     return target, kw
 
@@ -119,7 +124,7 @@ def _check_against_oracle(x, target, kw, dtype, grad_scale=2.0):
     scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
     assert_close(loss, expected, dtype, scale=scale)
 
-    g = torch.rand(loss.shape, generator=torch.Generator().manual_seed(4)) + 0.5
+    g = (torch.rand(loss.shape, generator=torch.Generator().manual_seed(4)) + 0.5).to(x.device)
     (dx,) = torch.autograd.grad(loss, x, g.to(loss.dtype))
     x64 = x.detach().double().requires_grad_()
     (dx64,) = torch.autograd.grad(_oracle(x64, target, **kw), x64, g.double())
@@ -131,8 +136,8 @@ def _check_against_oracle(x, target, kw, dtype, grad_scale=2.0):
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("shape", "layout"), SHAPES, ids=SHAPE_IDS)
-def test_loss_and_gradient_match_float64_pytorch(backend, shape, layout, dtype, mode):
-    x = _logits(shape, dtype, layout=layout)
+def test_loss_and_gradient_match_float64_pytorch(backend, device, shape, layout, dtype, mode):
+    x = _logits(shape, dtype, layout=layout, device=device)
     target, kw = _build(x, mode)
     if target.is_floating_point() and target.dtype != dtype:
         target = target.to(dtype)
@@ -140,30 +145,30 @@ def test_loss_and_gradient_match_float64_pytorch(backend, shape, layout, dtype, 
 
 
 @pytest.mark.parametrize("mode", ["plain", "smooth-weight", "probs-smooth-weight", "zloss-softcap"])
-def test_large_vocabulary_rows(mode):
+def test_large_vocabulary_rows(device, mode):
     """A 2^18-class row: the CPU kernel has no per-row buffer limit and no extra memory."""
-    x = _logits((2, 262144), torch.float32, seed=5)
+    x = _logits((2, 262144), torch.float32, seed=5, device=device)
     target, kw = _build(x, mode)
     _check_against_oracle(x, target, kw, torch.float32)
 
 
-def test_gradient_rows_sum_to_zero_and_target_term_is_p_minus_one(backend):
-    x = _logits((8, 300)).requires_grad_()
+def test_gradient_rows_sum_to_zero_and_target_term_is_p_minus_one(backend, device):
+    x = _logits((8, 300), device=device).requires_grad_()
     t = _targets(x, ignore_every=0)
     ao.cross_entropy(x, t, reduction="sum").backward()
-    torch.testing.assert_close(x.grad.sum(1), torch.zeros(8), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x.grad.sum(1), torch.zeros(8, device=device), atol=1e-5, rtol=0)
     p = torch.softmax(x.detach().double(), 1)
     picked = x.grad.gather(1, t[:, None]).squeeze(1).double()
     torch.testing.assert_close(picked, p.gather(1, t[:, None]).squeeze(1) - 1, atol=1e-6, rtol=1e-6)
 
 
-def test_bf16_target_term_formed_in_fp32(backend):
+def test_bf16_target_term_formed_in_fp32(backend, device):
     """p_y - 1 with p_y close to 1: rounding p_y to bf16 first would give exactly 0 or -2^-8 steps."""
-    x = torch.full((4, 64), -12.0)
+    x = torch.full((4, 64), -12.0, device=device)
     x[:, 5] = 6.0
-    x += torch.linspace(0, 0.01, 64)
+    x += torch.linspace(0, 0.01, 64, device=device)
     xb = x.bfloat16().requires_grad_()
-    t = torch.full((4,), 5)
+    t = torch.full((4,), 5, device=device)
     ao.cross_entropy(xb, t, reduction="sum").backward()
     expected = torch.softmax(xb.detach().double(), 1)[:, 5] - 1
     assert (xb.grad[:, 5] != 0).all()
@@ -171,17 +176,17 @@ def test_bf16_target_term_formed_in_fp32(backend):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_extreme_logits_follow_pytorch(backend, reduction):
+def test_extreme_logits_follow_pytorch(backend, device, reduction):
     """-inf entries, a fully -inf row, +inf, NaN, +-1e4: the same values and NaN pattern as PyTorch."""
-    x = _logits((7, 9))
+    x = _logits((7, 9), device=device)
     x[0, 2] = -math.inf  # not the target: finite loss
     x[1] = -math.inf  # fully -inf row: NaN
     x[2, 4] = math.inf  # NaN row, as PyTorch
     x[3, 1] = math.nan
     x[4] = torch.linspace(-1e4, 1e4, 9)
     x[5, 3] = -math.inf  # the target's logit: +inf loss
-    t = torch.tensor([1, 0, 0, 2, 8, 3, 4])
-    cases = [{}, {"label_smoothing": 0.1}, {"weight": torch.rand(9) + 0.5}]
+    t = torch.tensor([1, 0, 0, 2, 8, 3, 4], device=device)
+    cases = [{}, {"label_smoothing": 0.1}, {"weight": torch.rand(9, device=device) + 0.5}]
     for kw in cases:
         x1 = x.clone().requires_grad_()
         x2 = x.clone().double().requires_grad_()
@@ -190,7 +195,7 @@ def test_extreme_logits_follow_pytorch(backend, reduction):
         expected = F.cross_entropy(x2, t, reduction=reduction, **kw64)
         torch.testing.assert_close(loss.double(), expected, equal_nan=True, rtol=1e-5, atol=1e-5)
         if reduction == "none":
-            g = torch.ones(7)
+            g = torch.ones(7, device=device)
             g[[1, 2, 3]] = 0  # keep NaN rows out so the finite rows' gradients are compared
             loss.backward(g)
             expected.backward(g.double())
@@ -198,9 +203,9 @@ def test_extreme_logits_follow_pytorch(backend, reduction):
             torch.testing.assert_close(x1.grad[ok].double(), x2.grad[ok], rtol=1e-5, atol=1e-6)
 
 
-def test_all_ignored_mean_is_nan_like_pytorch(backend):
-    x = _logits((4, 6)).requires_grad_()
-    t = torch.full((4,), -100)
+def test_all_ignored_mean_is_nan_like_pytorch(backend, device):
+    x = _logits((4, 6), device=device).requires_grad_()
+    t = torch.full((4,), -100, device=device)
     loss = ao.cross_entropy(x, t)
     assert torch.isnan(loss) and torch.isnan(F.cross_entropy(x.detach(), t))
     loss.backward()
@@ -208,15 +213,15 @@ def test_all_ignored_mean_is_nan_like_pytorch(backend):
     assert ao.cross_entropy(x.detach(), t, reduction="sum").item() == 0.0
 
 
-def test_empty_batch_mean_is_nan_like_pytorch(backend):
-    x = torch.empty(0, 5)
-    assert torch.isnan(ao.cross_entropy(x, torch.empty(0, dtype=torch.long)))
-    assert torch.isnan(ao.cross_entropy(x, torch.empty(0, 5)))
-    assert torch.isnan(F.cross_entropy(x, torch.empty(0, 5)))
+def test_empty_batch_mean_is_nan_like_pytorch(backend, device):
+    x = torch.empty(0, 5, device=device)
+    assert torch.isnan(ao.cross_entropy(x, torch.empty(0, dtype=torch.long, device=device)))
+    assert torch.isnan(ao.cross_entropy(x, torch.empty(0, 5, device=device)))
+    assert torch.isnan(F.cross_entropy(x, torch.empty(0, 5, device=device)))
 
 
-def test_deprecated_size_average_and_reduce(backend):
-    x, t = _logits((6, 10)), _targets(_logits((6, 10)))
+def test_deprecated_size_average_and_reduce(backend, device):
+    x, t = _logits((6, 10), device=device), _targets(_logits((6, 10), device=device))
     for size_average, reduce in [(False, None), (None, False), (True, True), (False, True)]:
         with pytest.warns(UserWarning):
             got = ao.cross_entropy(x, t, size_average=size_average, reduce=reduce)
@@ -225,8 +230,8 @@ def test_deprecated_size_average_and_reduce(backend):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_deterministic(backend):
-    x = _logits((64, 3000)).requires_grad_()
+def test_deterministic(backend, device):
+    x = _logits((64, 3000), device=device).requires_grad_()
     t = _targets(x)
     runs = []
     for _ in range(2):
@@ -241,8 +246,8 @@ def test_deterministic(backend):
 @pytest.mark.parametrize(
     ("shape", "layout"), [((5, 7), "contiguous"), ((2, 4, 3), "contiguous"), ((6, 5), "transposed")]
 )
-def test_inplace_backward_gives_the_same_gradient(backend, mode, shape, layout):
-    x = _logits(shape, layout=layout)
+def test_inplace_backward_gives_the_same_gradient(backend, device, mode, shape, layout):
+    x = _logits(shape, layout=layout, device=device)
     target, kw = _build(x, mode)
     x1 = x.clone().requires_grad_()
     loss1 = ao.cross_entropy(x1, target, **kw)
@@ -252,7 +257,7 @@ def test_inplace_backward_gives_the_same_gradient(backend, mode, shape, layout):
     x2.register_hook(lambda grad: seen.append(grad.data_ptr()))
     loss2 = ao.cross_entropy(x2, target, inplace_backward=True, **kw)
     torch.testing.assert_close(loss2, loss1, atol=1e-6, rtol=1e-6)
-    g = torch.rand(loss1.shape) + 0.5
+    g = torch.rand(loss1.shape, device=device) + 0.5
     loss1.backward(g)
     loss2.backward(g)
     torch.testing.assert_close(leaf.grad, x1.grad, atol=1e-6, rtol=1e-5)
@@ -260,33 +265,33 @@ def test_inplace_backward_gives_the_same_gradient(backend, mode, shape, layout):
         assert seen == [x2.data_ptr()]
 
 
-def test_inplace_backward_with_bad_target_loses_nothing(backend):
-    x = _logits((4, 5)).requires_grad_()
+def test_inplace_backward_with_bad_target_loses_nothing(backend, device):
+    x = _logits((4, 5), device=device).requires_grad_()
     before = x.detach().clone()
     with pytest.raises(IndexError):
-        ao.cross_entropy(x, torch.tensor([0, 1, 5, 2]), inplace_backward=True)
+        ao.cross_entropy(x, torch.tensor([0, 1, 5, 2], device=device), inplace_backward=True)
     assert torch.equal(x.detach(), before)
 
 
-def test_inplace_backward_of_a_saved_tensor_is_an_error_not_a_wrong_gradient(backend):
+def test_inplace_backward_of_a_saved_tensor_is_an_error_not_a_wrong_gradient(backend, device):
     if backend == "reference":
         pytest.skip("the reference backend computes out of place")
-    w = torch.randn(8, 5, requires_grad=True)
+    w = torch.randn(8, 5, device=device, requires_grad=True)
     logits = torch.tanh(w)  # tanh saves its output for backward
-    loss = ao.cross_entropy(logits, torch.arange(8) % 5, inplace_backward=True)
+    loss = ao.cross_entropy(logits, torch.arange(8, device=device) % 5, inplace_backward=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
 
 
-def test_forward_saves_only_logits_and_per_position_values(backend):
+def test_forward_saves_only_logits_and_per_position_values(backend, device):
     """No N x C intermediate is kept for backward: only the logits and per-position tensors."""
     if backend == "reference":
         pytest.skip("the reference backend is PyTorch's own composition")
-    x = _logits((16, 100)).requires_grad_()
+    x = _logits((16, 100), device=device).requires_grad_()
     t = _targets(x)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda s: saved.append(s) or s, lambda s: s):
-        loss = ao.cross_entropy(x, t, label_smoothing=0.1, weight=torch.rand(100))
+        loss = ao.cross_entropy(x, t, label_smoothing=0.1, weight=torch.rand(100, device=device))
     logits_sized = [s for s in saved if s.numel() == x.numel()]
     assert len(logits_sized) == 1 and logits_sized[0].data_ptr() == x.data_ptr()
     assert all(s.numel() <= x.shape[0] or s.numel() == 100 for s in saved if s.numel() != x.numel())
@@ -294,55 +299,55 @@ def test_forward_saves_only_logits_and_per_position_values(backend):
 
 
 @pytest.mark.parametrize("mode", ["plain", "none", "smooth-weight", "probs-smooth-weight", "zloss-softcap"])
-def test_gradcheck(backend, mode):
-    x = _logits((3, 5, 2), torch.float64).requires_grad_()
+def test_gradcheck(backend, device, mode):
+    x = _logits((3, 5, 2), torch.float64, device=device).requires_grad_()
     target, kw = _build(x, mode)
     target = target.double() if target.is_floating_point() else target
     assert torch.autograd.gradcheck(lambda x: ao.cross_entropy(x, target, **kw), (x,))
 
 
-def test_gradcheck_probability_target_gradient(backend):
-    x = _logits((3, 6), torch.float64).requires_grad_()
+def test_gradcheck_probability_target_gradient(backend, device):
+    x = _logits((3, 6), torch.float64, device=device).requires_grad_()
     t = _probabilities(x).double().requires_grad_()
-    w = torch.rand(6, dtype=torch.float64) + 0.5
+    w = torch.rand(6, dtype=torch.float64, device=device) + 0.5
     assert torch.autograd.gradcheck(lambda x, t: ao.cross_entropy(x, t, weight=w, label_smoothing=0.2), (x, t))
 
 
-def _opcheck_samples(prefix):
-    x = _logits((4, 6))
+def _opcheck_samples(prefix, device):
+    x = _logits((4, 6), device=device)
     t = _targets(x)
-    w = torch.rand(6) + 0.5
+    w = torch.rand(6, device=device) + 0.5
     p = _probabilities(x)
     fwd = getattr(OPS, f"{prefix}cross_entropy_forward")
     bwd = getattr(OPS, f"{prefix}cross_entropy_backward")
     inplace = getattr(OPS, f"{prefix}cross_entropy_forward_inplace")
-    k = _logits((2, 5, 3))
+    k = _logits((2, 5, 3), device=device)
     kt = _targets(k)
     samples = [
         (fwd, (x.requires_grad_(), t, None, -100, 0.0, 0.0, 0.0, True)),
         (fwd, (x, t, w, -100, 0.1, 1e-3, 3.0, True)),
         (fwd, (x, p.requires_grad_(), w, -100, 0.1, 0.0, 0.0, True)),
         (fwd, (k.requires_grad_(), kt, None, -100, 0.0, 0.0, 0.0, True)),
-        (bwd, (torch.rand(4), x.detach(), t, w, torch.rand(4) + 2, -100, 0.1, 0.0, 0.0)),
-        (inplace, (x.detach().clone(), t, None, torch.full((4,), 0.25), -100, 0.0, 0.0, 0.0, True)),
+        (bwd, (torch.rand(4, device=device), x.detach(), t, w, torch.rand(4, device=device) + 2, -100, 0.1, 0.0, 0.0)),
+        (inplace, (x.detach().clone(), t, None, torch.full((4,), 0.25, device=device), -100, 0.0, 0.0, 0.0, True)),
     ]
     return samples
 
 
 @pytest.mark.parametrize("prefix", ["", "triton_"], ids=["cpp", "triton"])
-def test_opcheck(prefix):
+def test_opcheck(prefix, device):
     if prefix and "triton" not in ao.available_backends():
         pytest.fail("triton backend unavailable: conftest sets TRITON_INTERPRET=1 on CPU machines")
-    for op, args in _opcheck_samples(prefix):
+    for op, args in _opcheck_samples(prefix, device):
         torch.library.opcheck(op, args)
 
 
 @pytest.mark.parametrize("backend_name", ["cpp", "triton"])
-def test_torch_compile_training_step_fullgraph(backend_name):
+def test_torch_compile_training_step_fullgraph(backend_name, device):
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    model = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10)).to(device)
     criterion = ao.nn.CrossEntropyLoss(label_smoothing=0.1)
-    x, y = torch.randn(16, 12), torch.randint(0, 10, (16,))
+    x, y = torch.randn(16, 12).to(device), torch.randint(0, 10, (16,)).to(device)
 
     def step(x, y):
         return criterion(model(x), y)
@@ -409,9 +414,9 @@ def test_module_training_on_digits_gives_the_same_loss_curve():
 # ---- bad input: a clear Python exception, on every backend, before anything is written --------
 
 
-def test_out_of_range_target_names_value_and_position(backend):
-    x = _logits((2, 5, 3))
-    t = torch.zeros(2, 3, dtype=torch.long)
+def test_out_of_range_target_names_value_and_position(backend, device):
+    x = _logits((2, 5, 3), device=device)
+    t = torch.zeros(2, 3, dtype=torch.long, device=device)
     t[1, 2] = 5
     with pytest.raises(IndexError, match=r"Target 5 is out of bounds \(position \(1, 2\), 5 classes"):
         ao.cross_entropy(x, t)
@@ -421,15 +426,15 @@ def test_out_of_range_target_names_value_and_position(backend):
     t[1, 2] = -100  # ignore_index is fine
     ao.cross_entropy(x, t)
     with pytest.raises(IndexError, match=r"Target 11 is out of bounds \(position \(\)"):
-        ao.cross_entropy(torch.randn(11), torch.tensor(11))
+        ao.cross_entropy(torch.randn(11, device=device), torch.tensor(11, device=device))
 
 
-def test_unchecked_bad_target_gives_nan_not_a_crash(backend):
+def test_unchecked_bad_target_gives_nan_not_a_crash(backend, device):
     if backend == "reference":
         pytest.skip("the reference backend is PyTorch, which raises by itself")
     # (3, 4): rows; (2, 4, 20): K-dim positions taken 16 at a time by the CPU kernel
     for shape, bad, ignored in [((3, 4), (1,), (2,)), ((2, 4, 20), (0, 3), (1, 5))]:
-        x = _logits(shape).requires_grad_()
+        x = _logits(shape, device=device).requires_grad_()
         t = _targets(x, ignore_every=0)
         t[bad], t[ignored] = 4, -100
         loss = ao.cross_entropy(x, t, reduction="none", check_target=False)
@@ -474,30 +479,32 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize(("name", "args", "kwargs", "error", "match"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
-def test_bad_input_raises_clearly(backend, name, args, kwargs, error, match):
+def test_bad_input_raises_clearly(backend, device, name, args, kwargs, error, match):
     with pytest.raises(error, match=match):
-        ao.cross_entropy(*args, **kwargs)
+        ao.cross_entropy(*to_device(args, device), **to_device(kwargs, device))
 
 
-def test_inplace_backward_of_an_expanded_input_is_refused(backend):
+def test_inplace_backward_of_an_expanded_input_is_refused(backend, device):
     """Positions that share their logits' memory would race writing their gradients."""
     if backend == "reference":
         pytest.skip("the reference backend computes out of place")
-    x = _logits((1, 40)).expand(4, 40).requires_grad_()
+    x = _logits((1, 40), device=device).expand(4, 40).requires_grad_()
     with pytest.raises((RuntimeError, ValueError), match="share memory"):
-        ao.cross_entropy(x, torch.ones(4, dtype=torch.long), inplace_backward=True)
+        ao.cross_entropy(x, torch.ones(4, dtype=torch.long, device=device), inplace_backward=True)
 
 
-def test_ops_reject_bad_arguments_directly():
+def test_ops_reject_bad_arguments_directly(device):
     """The operators check too (they are public through torch.ops): no crash, no silent result."""
-    x, t = _logits((4, 5)), torch.tensor([0, 1, 2, 3])
+    x, t = _logits((4, 5), device=device), torch.tensor([0, 1, 2, 3], device=device)
     with pytest.raises(IndexError, match="Target 9 is out of bounds"):
-        OPS.cross_entropy_forward(x, torch.tensor([0, 9, 2, 3]), None, -100, 0.0, 0.0, 0.0, True)
+        OPS.cross_entropy_forward(x, torch.tensor([0, 9, 2, 3], device=device), None, -100, 0.0, 0.0, 0.0, True)
     with pytest.raises(RuntimeError, match="int64"):
         OPS.cross_entropy_forward(x, t.int(), None, -100, 0.0, 0.0, 0.0, True)
     with pytest.raises(RuntimeError, match="weight"):
-        OPS.cross_entropy_forward(x, t, torch.ones(3), -100, 0.0, 0.0, 0.0, True)
+        OPS.cross_entropy_forward(x, t, torch.ones(3, device=device), -100, 0.0, 0.0, 0.0, True)
     with pytest.raises(RuntimeError, match="label_smoothing"):
         OPS.cross_entropy_forward(x, t, None, -100, 2.0, 0.0, 0.0, True)
     with pytest.raises(RuntimeError, match="one value per position"):
-        OPS.cross_entropy_backward(torch.ones(3), x, t, None, torch.ones(4), -100, 0.0, 0.0, 0.0)
+        OPS.cross_entropy_backward(
+            torch.ones(3, device=device), x, t, None, torch.ones(4, device=device), -100, 0.0, 0.0, 0.0
+        )

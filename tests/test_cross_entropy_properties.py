@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BACKENDS, assert_close
+from conftest import BACKENDS, assert_close, to_device
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -72,14 +72,14 @@ def _check(x, target, kw):
     assert_close(loss, rounded, x.dtype, scale=max(1.0, finite.abs().max().item() if finite.numel() else 1.0))
     if not x.numel() or expected.isnan().any():
         return
-    g = torch.rand(loss.shape, dtype=torch.float64) + 0.5
+    g = torch.rand(loss.shape, dtype=torch.float64, device=x.device) + 0.5
     (dx,) = torch.autograd.grad(loss, x, g.to(loss.dtype))
     (dx64,) = torch.autograd.grad(expected, x64, g)
     assert_close(dx, dx64, x.dtype, scale=2 * max(dx64.abs().max().item(), 1e-3))
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
-def test_matches_pytorch_on_random_inputs(backend_name):
+def test_matches_pytorch_on_random_inputs(backend_name, device):
     side = 7 if backend_name == "triton" else 40
 
     @settings(
@@ -91,6 +91,6 @@ def test_matches_pytorch_on_random_inputs(backend_name):
     @given(problems(side))
     def check(case):
         with ao.backend(backend_name):
-            _check(*case)
+            _check(*to_device(case, device))
 
     check()

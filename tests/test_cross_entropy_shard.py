@@ -55,6 +55,10 @@ def _stats64(x, target, weight, start, ignore_index, softcap, smoothing):
     return torch.tensor(rows, dtype=torch.float64).reshape(n, 6)
 
 
+def _to(t, device):
+    return None if t is None else t.to(device)
+
+
 def _inputs(n, c, dtype, seed=0, scale=3.0):
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(n, c, generator=g, dtype=torch.float64) * scale).to(dtype)
@@ -72,7 +76,7 @@ SHAPES = [(1, 1), (3, 1), (5, 3), (4, 17), (7, 300), (0, 5), (2, 1030)]
     [(False, 0.0, False), (True, 0.0, True), (False, 2.5, True), (True, 4.0, False)],
     ids=["plain", "weight+smooth", "softcap+smooth", "weight+softcap"],
 )
-def test_shard_stats_and_backward(backend, dtype, shape, weighted, softcap, smoothing):
+def test_shard_stats_and_backward(backend, device, dtype, shape, weighted, softcap, smoothing):
     n, c = shape
     x, g = _inputs(n, c, dtype)
     if n >= 4:  # -inf entries, and a row of this shard that is all -inf
@@ -85,7 +89,9 @@ def test_shard_stats_and_backward(backend, dtype, shape, weighted, softcap, smoo
         target[0], target[-1] = start + c - 1, -100
     weight = torch.rand(c, generator=g, dtype=torch.float64).to(reference.acc_dtype(dtype)) + 0.1 if weighted else None
 
-    stats = _op(backend, "cross_entropy_shard_stats")(x, target, weight, start, -100, softcap, smoothing)
+    stats = _op(backend, "cross_entropy_shard_stats")(
+        x.to(device), target.to(device), _to(weight, device), start, -100, softcap, smoothing
+    ).cpu()
     assert stats.shape == (n, 6) and stats.dtype == reference.acc_dtype(dtype)
     expected = _stats64(x, target, weight, start, -100, softcap, smoothing)
     # the log-sum of fp16/bf16 rows is accumulated in fp32: the fp32 tolerance, scaled by the row
@@ -94,7 +100,9 @@ def test_shard_stats_and_backward(backend, dtype, shape, weighted, softcap, smoo
 
     lse = torch.logsumexp(x.double() if softcap == 0 else softcap * torch.tanh(x.double() / softcap), 1)
     coeffs = (torch.rand(n, 3, generator=g, dtype=torch.float64) - 0.5).to(reference.acc_dtype(dtype))
-    grad = _op(backend, "cross_entropy_shard_backward")(x, target, weight, lse, coeffs, start, -100, softcap)
+    grad = _op(backend, "cross_entropy_shard_backward")(
+        x.to(device), target.to(device), _to(weight, device), lse.to(device), coeffs.to(device), start, -100, softcap
+    ).cpu()
     assert grad.shape == x.shape and grad.dtype == dtype
     expected = reference.cross_entropy_shard_backward(
         x.double(), target, weight, lse, coeffs.double(), start, -100, softcap
@@ -103,7 +111,7 @@ def test_shard_stats_and_backward(backend, dtype, shape, weighted, softcap, smoo
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_shards_compose_to_cross_entropy(backend):
+def test_shards_compose_to_cross_entropy(backend, device):
     """Cross-entropy of the whole vocabulary from the statistics of three uneven shards (the
     combination alchemy_ops.distributed does after its all-gather), and its gradient from the
     shard backward: against F.cross_entropy in float64."""
@@ -114,6 +122,7 @@ def test_shards_compose_to_cross_entropy(backend):
     target = torch.randint(0, sum(sizes), (n,), generator=g)
     target[2] = -100
     weight = torch.rand(sum(sizes), generator=g) + 0.5
+    x, target, weight = x.to(device), target.to(device), weight.to(device)
     starts = [0, 5, 6]
     stats = torch.stack(
         [
@@ -128,7 +137,7 @@ def test_shards_compose_to_cross_entropy(backend):
         x64, target, weight.double(), ignore_index=-100, reduction="none", label_smoothing=eps
     )
     torch.testing.assert_close(loss, expected.detach(), atol=2e-5, rtol=2e-5)
-    upstream = torch.rand(n, generator=g, dtype=torch.float64)
+    upstream = torch.rand(n, generator=g, dtype=torch.float64).to(device)
     expected.backward(upstream)
     a = (1 - eps) * w_y + eps / shard.vocab * weight_sum
     coeffs = torch.stack([upstream * a, upstream * (eps / shard.vocab), upstream * (1 - eps) * w_y], 1)
@@ -142,41 +151,42 @@ def test_shards_compose_to_cross_entropy(backend):
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
-def test_shard_noncontiguous_and_nan(backend):
+def test_shard_noncontiguous_and_nan(backend, device):
     x, g = _inputs(5, 40, torch.float32, seed=5)
-    view = x[:, ::2]  # class stride 2
+    view = x.to(device)[:, ::2]  # class stride 2
     view_nan = view.clone()
     view_nan[3, 4] = math.nan
     target = torch.tensor([0, 25, 7, 3, -100])
     for logits in (view, view_nan):
-        stats = _op(backend, "cross_entropy_shard_stats")(logits, target, None, 0, -100, 0.0, True)
-        expected = _stats64(logits, target, None, 0, -100, 0.0, True)
+        stats = _op(backend, "cross_entropy_shard_stats")(logits, target.to(device), None, 0, -100, 0.0, True).cpu()
+        expected = _stats64(logits.cpu(), target, None, 0, -100, 0.0, True)
         assert_close(stats, expected, torch.float32, scale=4)
     assert torch.isnan(stats[3, :2]).all() and not torch.isnan(stats[[0, 1, 2]]).any()
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
-def test_shard_bad_arguments(backend):
+def test_shard_bad_arguments(backend, device):
     stats_op = _op(backend, "cross_entropy_shard_stats")
     backward_op = _op(backend, "cross_entropy_shard_backward")
-    x, t = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    x, t = torch.randn(3, 4, device=device), torch.tensor([0, 1, 2], device=device)
     with pytest.raises(RuntimeError, match="input must be"):
         stats_op(x[0], t, None, 0, -100, 0.0, False)
     with pytest.raises(RuntimeError, match="target must be"):
         stats_op(x, t.float(), None, 0, -100, 0.0, False)
     with pytest.raises(RuntimeError, match="weight must have shape"):
-        stats_op(x, t, torch.ones(5), 0, -100, 0.0, False)
+        stats_op(x, t, torch.ones(5, device=device), 0, -100, 0.0, False)
+    lse = torch.zeros(2, dtype=torch.float64, device=device)
     with pytest.raises(RuntimeError, match="lse must be"):
-        backward_op(x, t, None, torch.zeros(2, dtype=torch.float64), torch.zeros(3, 3), 0, -100, 0.0)
+        backward_op(x, t, None, lse, torch.zeros(3, 3, device=device), 0, -100, 0.0)
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
-def test_shard_opcheck(backend):
+def test_shard_opcheck(backend, device):
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(4, 9, generator=g)
-    target = torch.tensor([1, 12, -100, 8])
-    w = torch.rand(9, generator=g)
+    x = torch.randn(4, 9, generator=g).to(device)
+    target = torch.tensor([1, 12, -100, 8], device=device)
+    w = torch.rand(9, generator=g).to(device)
     lse = torch.logsumexp(x.double(), 1)
-    coeffs = torch.randn(4, 3, generator=g)
+    coeffs = torch.randn(4, 3, generator=g).to(device)
     torch.library.opcheck(_op(backend, "cross_entropy_shard_stats"), (x, target, w, 3, -100, 1.5, True))
     torch.library.opcheck(_op(backend, "cross_entropy_shard_backward"), (x, target, w, lse, coeffs, 3, -100, 1.5))

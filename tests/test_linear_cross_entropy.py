@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BACKENDS
+from conftest import BACKENDS, to_device
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import alchemy_ops as ao
@@ -39,30 +39,30 @@ def _assert_close(actual, expected, dtype, tol_scale=1.0):
     )
 
 
-def _problem(n=TOKENS, h=HIDDEN, v=VOCAB, dtype=torch.float32, seed=0, bias=True, layout="contiguous"):
+def _problem(n=TOKENS, h=HIDDEN, v=VOCAB, dtype=torch.float32, seed=0, bias=True, layout="contiguous", device="cpu"):
     """Random hidden states (in ``layout``), LM-head weight and bias, never constant, in ``dtype``."""
     g = torch.Generator().manual_seed(seed)
     if layout == "transposed":  # the features dim has the large stride
-        x = torch.randn(h, n, generator=g).to(dtype).t()
+        x = torch.randn(h, n, generator=g).to(device=device, dtype=dtype).t()
     elif layout == "sliced":  # rows further apart than their length
-        x = torch.randn(n, h + 3, generator=g).to(dtype)[:, 2 : 2 + h]
+        x = torch.randn(n, h + 3, generator=g).to(device=device, dtype=dtype)[:, 2 : 2 + h]
     else:
-        x = torch.randn(n, h, generator=g).to(dtype)
-    w = (torch.randn(v, h, generator=g) * 0.6).to(dtype)
-    b = (torch.randn(v, generator=g) * 0.5).to(dtype) if bias else None
+        x = torch.randn(n, h, generator=g).to(device=device, dtype=dtype)
+    w = (torch.randn(v, h, generator=g) * 0.6).to(device=device, dtype=dtype)
+    b = (torch.randn(v, generator=g) * 0.5).to(device=device, dtype=dtype) if bias else None
     return x, w, b
 
 
-def _targets(n, v, ignore_index=-100, ignore_every=4, seed=1):
+def _targets(n, v, ignore_index=-100, ignore_every=4, seed=1, device="cpu"):
     t = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(seed))
     if ignore_every and n > 1:
         t[::ignore_every] = ignore_index
-    return t
+    return t.to(device)
 
 
-def _probabilities(n, v, dtype, seed=2):
+def _probabilities(n, v, dtype, seed=2, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return torch.softmax(torch.randn(n, v, generator=g) * 2, -1).to(dtype)
+    return torch.softmax(torch.randn(n, v, generator=g) * 2, -1).to(device=device, dtype=dtype)
 
 
 def _oracle(x, w, b, target, class_weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
@@ -81,8 +81,8 @@ def _oracle(x, w, b, target, class_weight=None, ignore_index=-100, reduction="me
 def _upstream(loss):
     """A non-unit upstream gradient: 1.7 for a scalar loss, random per token for reduction="none"."""
     if loss.dim() == 0:
-        return torch.tensor(1.7, dtype=loss.dtype)
-    return (torch.rand(loss.shape, generator=torch.Generator().manual_seed(4)) + 0.5).to(loss.dtype)
+        return torch.tensor(1.7, dtype=loss.dtype, device=loss.device)
+    return (torch.rand(loss.shape, generator=torch.Generator().manual_seed(4)) + 0.5).to(loss.device, loss.dtype)
 
 
 def _check(x, w, b, target, dtype, tol_scale=1.0, **kw):
@@ -121,13 +121,16 @@ MODES = {
 }
 
 
-def _build(mode, n, v, dtype):
+def _build(mode, n, v, dtype, device="cpu"):
     kw = dict(MODES[mode])
     probs = kw.pop("probs", False)
     if kw.pop("class_weight", False):
-        kw["class_weight"] = (torch.rand(v, generator=torch.Generator().manual_seed(3)) + 0.2).to(dtype)
+        kw["class_weight"] = (torch.rand(v, generator=torch.Generator().manual_seed(3)) + 0.2).to(device, dtype)
     bias = not kw.pop("no-bias", False)
-    target = _probabilities(n, v, dtype) if probs else _targets(n, v, kw.get("ignore_index", -100))
+    if probs:
+        target = _probabilities(n, v, dtype, device=device)
+    else:
+        target = _targets(n, v, kw.get("ignore_index", -100), device=device)
     return target, bias, kw
 
 
@@ -137,19 +140,19 @@ BACKEND_DTYPES = [(b, d) for b in BACKENDS for d in (torch.float32, torch.bfloat
 
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize(("backend_name", "dtype"), BACKEND_DTYPES, ids=[f"{b}-{d}" for b, d in BACKEND_DTYPES])
-def test_loss_and_gradients_match_float64_pytorch(backend_name, dtype, mode):
-    target, bias, kw = _build(mode, TOKENS, VOCAB, dtype)
-    x, w, b = _problem(dtype=dtype, bias=bias)
+def test_loss_and_gradients_match_float64_pytorch(backend_name, device, dtype, mode):
+    target, bias, kw = _build(mode, TOKENS, VOCAB, dtype, device)
+    x, w, b = _problem(dtype=dtype, bias=bias, device=device)
     with ao.backend(backend_name):
         _check(x, w, b, target, dtype, chunk_size=3, **kw)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 7, None, 100])
 @pytest.mark.parametrize("mode", ["plain", "probs-smooth-weight-none"])
-def test_chunk_sizes(backend, chunk_size, mode):
+def test_chunk_sizes(backend, device, chunk_size, mode):
     """Chunks that do and do not divide N, the default (one chunk at this N) and one larger than N."""
-    target, bias, kw = _build(mode, TOKENS, VOCAB, torch.float32)
-    _check(*_problem(bias=bias), target, torch.float32, chunk_size=chunk_size, **kw)
+    target, bias, kw = _build(mode, TOKENS, VOCAB, torch.float32, device)
+    _check(*_problem(bias=bias, device=device), target, torch.float32, chunk_size=chunk_size, **kw)
 
 
 def test_default_chunk_size_rule():
@@ -168,10 +171,10 @@ ODD_SHAPES = [(1, 5, 7), (6, 4, 1), (6, 4, 3), (6, 1, 9), (0, 4, 5)]
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("shape", ODD_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_odd_shapes(backend, shape, reduction):
+def test_odd_shapes(backend, device, shape, reduction):
     n, h, v = shape
-    x, w, b = _problem(n, h, v)
-    loss, grads = _check(x, w, b, _targets(n, v), torch.float32, reduction=reduction, chunk_size=4)
+    x, w, b = _problem(n, h, v, device=device)
+    loss, grads = _check(x, w, b, _targets(n, v, device=device), torch.float32, reduction=reduction, chunk_size=4)
     if n == 0:  # what F.cross_entropy(F.linear(...)) gives: NaN mean, 0 sum, empty none; zero gradients
         assert {"mean": math.isnan, "sum": lambda v: v == 0}.get(reduction, lambda v: True)(loss.sum().item())
         assert all(not g.any() for g in grads[1:])
@@ -179,20 +182,21 @@ def test_odd_shapes(backend, shape, reduction):
 
 @pytest.mark.parametrize("probs", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_single_token_input(backend, reduction, probs):
+def test_single_token_input(backend, device, reduction, probs):
     """(H) input with a () class index or a (V) probability target, like F.linear_cross_entropy."""
-    x, w, b = _problem(1, 6, 9)
-    target = _probabilities(1, 9, torch.float32)[0] if probs else torch.tensor(4)
+    x, w, b = _problem(1, 6, 9, device=device)
+    target = _probabilities(1, 9, torch.float32, device=device)[0] if probs else torch.tensor(4, device=device)
     loss, _ = _check(x[0], w, b, target, torch.float32, reduction=reduction)
     assert loss.shape == ()
 
 
 @pytest.mark.parametrize("layout", ["transposed", "sliced"])
-def test_non_contiguous_input_and_weight(backend, layout):
-    x, _, b = _problem(layout=layout)
-    w = torch.randn(HIDDEN, VOCAB, generator=torch.Generator().manual_seed(7)).t()  # e.g. a tied, transposed weight
+def test_non_contiguous_input_and_weight(backend, device, layout):
+    x, _, b = _problem(layout=layout, device=device)
+    # e.g. a tied, transposed weight
+    w = torch.randn(HIDDEN, VOCAB, generator=torch.Generator().manual_seed(7)).to(device).t()
     assert not x.is_contiguous() and not w.is_contiguous()
-    _check(x, w, b, _targets(TOKENS, VOCAB), torch.float32, chunk_size=4, label_smoothing=0.1)
+    _check(x, w, b, _targets(TOKENS, VOCAB, device=device), torch.float32, chunk_size=4, label_smoothing=0.1)
 
 
 def test_accumulate_fp32_false():
@@ -231,14 +235,14 @@ def test_no_grad_path_makes_no_gradient_buffers(backend, monkeypatch):
     torch.testing.assert_close(loss, with_grad.detach(), atol=0, rtol=0)
 
 
-def test_weight_only_gradient(backend):
+def test_weight_only_gradient(backend, device):
     """Frozen hidden states: only the weight and bias gradients are formed."""
-    x, w, b = _problem()
+    x, w, b = _problem(device=device)
     wr, br = w.clone().requires_grad_(), b.clone().requires_grad_()
-    loss = ao.linear_cross_entropy(x, wr, _targets(TOKENS, VOCAB), br, chunk_size=4)
+    loss = ao.linear_cross_entropy(x, wr, _targets(TOKENS, VOCAB, device=device), br, chunk_size=4)
     loss.backward()
     w64, b64 = w.double().requires_grad_(), b.double().requires_grad_()
-    _oracle(x.double(), w64, b64, _targets(TOKENS, VOCAB)).backward()
+    _oracle(x.double(), w64, b64, _targets(TOKENS, VOCAB, device=device)).backward()
     _assert_close(wr.grad, w64.grad, torch.float32)
     _assert_close(br.grad, b64.grad, torch.float32)
 
@@ -301,9 +305,9 @@ def test_backward_twice(backend):
     torch.testing.assert_close(torch.autograd.grad(none, w, g)[0], first, atol=0, rtol=0)
 
 
-def test_deterministic(backend):
-    x, w, b = (p.requires_grad_() for p in _problem(20, 8, 37))
-    t = _targets(20, 37)
+def test_deterministic(backend, device):
+    x, w, b = (p.requires_grad_() for p in _problem(20, 8, 37, device=device))
+    t = _targets(20, 37, device=device)
     runs = []
     for _ in range(2):
         x.grad = w.grad = b.grad = None
@@ -314,10 +318,10 @@ def test_deterministic(backend):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_gradcheck(backend, reduction):
-    x, w, b = (p.requires_grad_() for p in _problem(4, 3, 5, torch.float64))
-    t = _targets(4, 5, ignore_every=3)
-    cw = torch.rand(5, dtype=torch.float64) + 0.5
+def test_gradcheck(backend, device, reduction):
+    x, w, b = (p.requires_grad_() for p in _problem(4, 3, 5, torch.float64, device=device))
+    t = _targets(4, 5, ignore_every=3, device=device)
+    cw = torch.rand(5, dtype=torch.float64, device=device) + 0.5
     kw = {"class_weight": cw, "label_smoothing": 0.1, "z_loss": 1e-2, "reduction": reduction, "chunk_size": 3}
     fast = backend == "triton"  # the interpreter: one random direction instead of every element
 
@@ -435,20 +439,20 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize(("name", "args", "kwargs", "error", "match"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
-def test_bad_input_raises_clearly_before_any_work(backend, monkeypatch, name, args, kwargs, error, match):
+def test_bad_input_raises_clearly_before_any_work(backend, device, monkeypatch, name, args, kwargs, error, match):
     def no_work(*a, **k):
         raise AssertionError("a matmul ran before the arguments were checked")
 
     monkeypatch.setattr(lce, "_logits", no_work)
     with pytest.raises(error, match=match):
-        ao.linear_cross_entropy(*args, **kwargs)
+        ao.linear_cross_entropy(*to_device(args, device), **to_device(kwargs, device))
 
 
-def test_unchecked_bad_target_gives_nan_not_a_crash(backend):
+def test_unchecked_bad_target_gives_nan_not_a_crash(backend, device):
     if backend == "reference":
         pytest.skip("the reference backend is PyTorch, which raises by itself")
-    x, w, b = _problem()
-    t = _targets(TOKENS, VOCAB)
+    x, w, b = _problem(device=device)
+    t = _targets(TOKENS, VOCAB, device=device)
     t[5] = VOCAB + 2
     loss = ao.linear_cross_entropy(x, w, t, b, reduction="none", check_target=False, chunk_size=4)
-    assert torch.isnan(loss[5]) and torch.isfinite(loss[torch.arange(TOKENS) != 5]).all()
+    assert torch.isnan(loss[5]) and torch.isfinite(loss[torch.arange(TOKENS, device=device) != 5]).all()

@@ -16,15 +16,19 @@ DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 def _make(shape, dtype, device="cpu", seed=0, layout="contiguous"):
     """Random logits (spread ~3) with the requested layout; never constant."""
     g = torch.Generator().manual_seed(seed)
+
+    def buffer(*size):  # drawn on CPU (the same values on every device), the view taken after the move
+        return torch.randn(size, generator=g).mul(3).to(device=device, dtype=dtype)
+
     if layout == "transposed":  # class dim with a large stride, rows with unit stride
-        x = torch.randn(tuple(reversed(shape)), generator=g).mul(3).t()
+        x = buffer(*reversed(shape)).t()
     elif layout == "sliced":  # unit class stride, rows further apart than their length
-        x = torch.randn(*shape[:-1], shape[-1] + 5, generator=g).mul(3)[..., 2 : 2 + shape[-1]]
+        x = buffer(*shape[:-1], shape[-1] + 5)[..., 2 : 2 + shape[-1]]
     elif layout == "permuted":  # dims around `dim` that cannot be collapsed without a copy
-        x = torch.randn(shape[2], shape[0], shape[1], generator=g).mul(3).permute(1, 2, 0)
+        x = buffer(shape[2], shape[0], shape[1]).permute(1, 2, 0)
     else:
-        x = torch.randn(shape, generator=g).mul(3)
-    return x.to(device=device, dtype=dtype)
+        x = buffer(*shape)
+    return x
 
 
 # (shape, dim, layout): C=1, C=3, odd, >1 block, large; K-dim with dim=1; non-contiguous; empty; 0-d.
@@ -78,7 +82,7 @@ def test_forward_backward_match_float64(backend, device, shape, dim, layout, dty
 def test_softmax_rows_sum_to_one(backend, device, temperature):
     x = _make((9, 1000), torch.float32, device)
     p = ao.softmax(x, temperature=temperature)
-    torch.testing.assert_close(p.sum(-1).double(), torch.ones(9, dtype=torch.float64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(p.sum(-1).double(), torch.ones(9, dtype=torch.float64, device=device), atol=1e-5, rtol=0)
     assert (p >= 0).all()
     # log-softmax agrees with the log of softmax
     torch.testing.assert_close(ao.log_softmax(x, temperature=temperature), p.log(), atol=1e-5, rtol=1e-5)
@@ -110,25 +114,25 @@ def test_nonfinite_rows_match_pytorch(backend, device, dtype, log):
     assert torch.equal(y3.isnan(), expected.t().unsqueeze(0).isnan())
 
 
-def test_backward_propagates_nan(backend):
-    x = torch.randn(3, 40, dtype=torch.float64)
+def test_backward_propagates_nan(backend, device):
+    x = torch.randn(3, 40, dtype=torch.float64).to(device)
     x[1, 5] = math.nan
     x.requires_grad_()
     for fn in (ao.log_softmax, ao.softmax):
-        (dx,) = torch.autograd.grad(fn(x, -1), x, torch.randn(3, 40, dtype=torch.float64))
+        (dx,) = torch.autograd.grad(fn(x, -1), x, torch.randn(3, 40, dtype=torch.float64).to(device))
         assert dx[1].isnan().all() and not dx[[0, 2]].isnan().any()
 
 
-def test_dtype_argument_casts_first(backend):
-    x = _make((4, 33), torch.bfloat16)
+def test_dtype_argument_casts_first(backend, device):
+    x = _make((4, 33), torch.bfloat16, device)
     y = ao.log_softmax(x, dtype=torch.float32)  # fused widening
     assert y.dtype == torch.float32
     assert_close(y, torch.log_softmax(x.double(), -1), torch.float32, scale=10)
-    y64 = ao.softmax(_make((4, 33), torch.float32), dtype=torch.float64)
+    y64 = ao.softmax(_make((4, 33), torch.float32, device), dtype=torch.float64)
     assert y64.dtype == torch.float64
-    assert_close(y64, torch.softmax(_make((4, 33), torch.float32).double(), -1), torch.float64)
+    assert_close(y64, torch.softmax(_make((4, 33), torch.float32, device).double(), -1), torch.float64)
     # integer logits are accepted when dtype= makes them floating, as in torch.log_softmax
-    ints = torch.arange(12).reshape(3, 4)
+    ints = torch.arange(12, device=device).reshape(3, 4)
     torch.testing.assert_close(
         ao.log_softmax(ints, dtype=torch.float32), torch.log_softmax(ints, -1, dtype=torch.float32)
     )
@@ -138,9 +142,9 @@ def test_dtype_argument_casts_first(backend):
     assert xb.grad.dtype == torch.bfloat16
 
 
-def test_deterministic(backend):
-    x = _make((16, 3000), torch.float32)
-    g = torch.randn(16, 3000)
+def test_deterministic(backend, device):
+    x = _make((16, 3000), torch.float32, device)
+    g = torch.randn(16, 3000).to(device)
     outs = []
     for _ in range(2):
         xr = x.clone().requires_grad_()
@@ -154,39 +158,39 @@ def test_deterministic(backend):
 @pytest.mark.parametrize(
     ("shape", "dim", "layout"), [((3, 7), -1, "contiguous"), ((2, 4, 3), 1, "contiguous"), ((4, 5), -1, "transposed")]
 )
-def test_gradcheck_and_gradgradcheck(backend, shape, dim, layout, log):
-    x = _make(shape, torch.float64, layout=layout).requires_grad_()
+def test_gradcheck_and_gradgradcheck(backend, device, shape, dim, layout, log):
+    x = _make(shape, torch.float64, device, layout=layout).requires_grad_()
     fn = ao.log_softmax if log else ao.softmax
     assert torch.autograd.gradcheck(lambda t: fn(t, dim, temperature=0.6), (x,))
     assert torch.autograd.gradgradcheck(lambda t: fn(t, dim, temperature=0.6), (x,))
 
 
-def _op_samples():
+def _op_samples(device):
     for layout, shape, dim in [("contiguous", (3, 17), 1), ("contiguous", (2, 5, 3), 1), ("transposed", (4, 6), 1)]:
         for dtype in (torch.float32, torch.float64):
-            yield _make(shape, dtype, layout=layout).requires_grad_(), dim
+            yield _make(shape, dtype, device, layout=layout).requires_grad_(), dim
 
 
 @pytest.mark.parametrize("prefix", ["", "triton_"])
-def test_opcheck(prefix):
+def test_opcheck(prefix, device):
     if prefix and "triton" not in ao.available_backends():
         pytest.skip("the triton package is not installed")
     forward = getattr(torch.ops.alchemy_ops, f"{prefix}softmax_forward")
     backward = getattr(torch.ops.alchemy_ops, f"{prefix}softmax_backward")
-    for x, dim in _op_samples():
+    for x, dim in _op_samples(device):
         for log in (True, False):
             torch.library.opcheck(forward, (x, dim, 0.8, log, None))
             y = forward(x.detach(), dim, 0.8, log, None)
             torch.library.opcheck(backward, (torch.randn_like(y), y, dim, 0.8, log))
-    xb = _make((3, 17), torch.bfloat16)
+    xb = _make((3, 17), torch.bfloat16, device)
     torch.library.opcheck(forward, (xb, 1, 1.0, True, torch.float32))
 
 
-def test_torch_compile_fullgraph(backend):
+def test_torch_compile_fullgraph(backend, device):
     def step(t):
         return (ao.log_softmax(t, temperature=0.5) * 0.3 + ao.softmax(t, 0)).sum()
 
-    x = _make((6, 129), torch.float32)
+    x = _make((6, 129), torch.float32, device)
     xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True)
@@ -198,15 +202,15 @@ def test_torch_compile_fullgraph(backend):
 
 
 @pytest.mark.parametrize("temperature", [0.0, -1.0, math.inf, math.nan, 1e-40])
-def test_bad_temperature(backend, temperature):
+def test_bad_temperature(backend, device, temperature):
     with pytest.raises(ValueError, match="temperature"):
-        ao.log_softmax(torch.randn(2, 3), temperature=temperature)
+        ao.log_softmax(torch.randn(2, 3, device=device), temperature=temperature)
     with pytest.raises(ValueError, match="temperature"):
-        ao.softmax(torch.randn(2, 3), temperature=temperature)
+        ao.softmax(torch.randn(2, 3, device=device), temperature=temperature)
 
 
-def test_bad_arguments(backend):
-    x = torch.randn(2, 3)
+def test_bad_arguments(backend, device):
+    x = torch.randn(2, 3, device=device)
     for dim in (2, -3):
         with pytest.raises(IndexError, match="out of range"):
             ao.log_softmax(x, dim)
@@ -215,7 +219,7 @@ def test_bad_arguments(backend):
     with pytest.raises(TypeError, match="dim must be an int"):
         ao.log_softmax(x, 1.0)
     with pytest.raises(TypeError, match="cast with .float"):
-        ao.log_softmax(torch.arange(6).reshape(2, 3))
+        ao.log_softmax(torch.arange(6, device=device).reshape(2, 3))
     with pytest.raises(TypeError, match="floating-point"):
         ao.softmax(x, dtype=torch.int32)
     with pytest.raises(TypeError, match="must be a torch.Tensor"):

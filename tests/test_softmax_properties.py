@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import BACKENDS, assert_close
+from conftest import BACKENDS, assert_close, to_device
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -59,7 +59,7 @@ def _check(x, dim, temperature, log):
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
 @pytest.mark.parametrize("log", [True, False], ids=["log_softmax", "softmax"])
-def test_matches_pytorch_on_random_inputs(backend_name, log):
+def test_matches_pytorch_on_random_inputs(backend_name, device, log):
     side = 9 if backend_name == "triton" else 40
 
     @settings(
@@ -72,6 +72,6 @@ def test_matches_pytorch_on_random_inputs(backend_name, log):
     def check(case):
         x, dim, temperature = case
         with ao.backend(backend_name):
-            _check(x, dim, temperature, log)
+            _check(to_device(x, device), dim, temperature, log)
 
     check()

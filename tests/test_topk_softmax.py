@@ -15,13 +15,13 @@ DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 OPS = torch.ops.alchemy_ops
 
 
-def _logits(shape, dtype=torch.float32, seed=0, layout="contiguous", spread=3.0):
+def _logits(shape, dtype=torch.float32, seed=0, layout="contiguous", spread=3.0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     if layout == "transposed":
         x = torch.randn(tuple(reversed(shape)), generator=g).t()
     else:
         x = torch.randn(shape, generator=g)
-    return (x * spread).to(dtype)
+    return (x * spread).to(device=device, dtype=dtype)
 
 
 def _oracle(x, k, dim=-1, renormalize=True, temperature=1.0):
@@ -63,8 +63,8 @@ CASE_IDS = [f"{'x'.join(map(str, s))}-k{k}-dim{d}-{lay}" for s, k, d, lay in CAS
 @pytest.mark.parametrize("renormalize", [True, False], ids=["renorm", "full"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("shape", "k", "dim", "layout"), CASES, ids=CASE_IDS)
-def test_matches_float64_pytorch(backend, shape, k, dim, layout, dtype, renormalize):
-    x = _logits(shape, dtype, layout=layout).requires_grad_()
+def test_matches_float64_pytorch(backend, device, shape, k, dim, layout, dtype, renormalize):
+    x = _logits(shape, dtype, layout=layout, device=device).requires_grad_()
     temperature = 0.7
     w, idx = ao.topk_softmax(x, k, dim, renormalize=renormalize, temperature=temperature)
     x64 = x.detach().double().requires_grad_()
@@ -74,7 +74,7 @@ def test_matches_float64_pytorch(backend, shape, k, dim, layout, dtype, renormal
     assert torch.equal(idx, idx64)
     assert_close(w, w64, _acc(dtype))
 
-    g = torch.rand(w.shape, generator=torch.Generator().manual_seed(4)) + 0.5
+    g = (torch.rand(w.shape, generator=torch.Generator().manual_seed(4)) + 0.5).to(device)
     (dx,) = torch.autograd.grad(w, x, g.to(w.dtype))
     (dx64,) = torch.autograd.grad(w64, x64, g.double())
     assert dx.dtype == x.dtype and dx.shape == x.shape
@@ -85,15 +85,15 @@ def test_matches_float64_pytorch(backend, shape, k, dim, layout, dtype, renormal
         assert (dx[unselected] == 0).all()
 
 
-def test_zero_dim_logits(backend):
-    w, idx = ao.topk_softmax(torch.tensor(2.5), 1)
+def test_zero_dim_logits(backend, device):
+    w, idx = ao.topk_softmax(torch.tensor(2.5, device=device), 1)
     assert w.shape == idx.shape == () and w.item() == 1.0 and idx.item() == 0
 
 
-def test_large_row_sampling_shape(backend):
-    if backend == "triton":
+def test_large_row_sampling_shape(backend, device):
+    if backend == "triton" and device == "cpu":
         pytest.skip("a 2^17-long row is too slow for Triton's interpreter")
-    x = _logits((2, 131072), seed=5)
+    x = _logits((2, 131072), seed=5, device=device)
     for renormalize in (True, False):
         w, idx = ao.topk_softmax(x, 50, renormalize=renormalize)
         w64, idx64 = _oracle(x, 50, renormalize=renormalize)
@@ -102,13 +102,13 @@ def test_large_row_sampling_shape(backend):
 
 
 @pytest.mark.parametrize("k", [2, 4, 50, 100])
-def test_ties_go_to_the_lowest_index(backend, k):
+def test_ties_go_to_the_lowest_index(backend, device, k):
     """Logits from {0, 1, 2}: most selected values tie. Checked directly, not against torch.topk."""
     x = torch.randint(0, 3, (4, 300), generator=torch.Generator().manual_seed(7)).float()
     x[1] = 1.0  # one value everywhere: indices 0..k-1
     x[2, ::2] = -0.0  # -0 and +0 are equal
     x[2, 1::2] = 0.0
-    w, idx = ao.topk_softmax(x, k)
+    w, idx = (t.cpu() for t in ao.topk_softmax(x.to(device), k))
     for r in range(4):
         v = x[r, idx[r]]
         assert (v[:-1] >= v[1:]).all()
@@ -123,19 +123,19 @@ def test_ties_go_to_the_lowest_index(backend, k):
     torch.testing.assert_close(w[1], torch.full((k,), 1.0 / k))
 
 
-def test_small_tie_example(backend):
-    x = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0, 2.0]])
+def test_small_tie_example(backend, device):
+    x = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0, 2.0]], device=device)
     assert ao.topk_softmax(x, 2)[1].tolist() == [[1, 2]]
     assert ao.topk_softmax(x, 4)[1].tolist() == [[1, 2, 4, 5]]
-    assert ao.topk_softmax(torch.tensor([[-0.0, 0.0]]), 1)[1].tolist() == [[0]]
+    assert ao.topk_softmax(torch.tensor([[-0.0, 0.0]], device=device), 1)[1].tolist() == [[0]]
 
 
 @pytest.mark.parametrize("k", [3, 70])
 @pytest.mark.parametrize("renormalize", [True, False], ids=["renorm", "full"])
-def test_nan_sorts_first_and_makes_its_row_nan(backend, renormalize, k):
+def test_nan_sorts_first_and_makes_its_row_nan(backend, device, renormalize, k):
     """NaN counts as larger than +inf (torch.topk's order): selected first, lowest index first; a
     row holding a NaN (or +inf) has NaN weights and gradients; the other rows are untouched."""
-    x = _logits((4, 80), seed=3)
+    x = _logits((4, 80), seed=3, device=device)
     x[1, 7] = math.nan
     x[1, 2] = math.nan
     x[2, 5] = math.inf
@@ -158,13 +158,14 @@ def test_nan_sorts_first_and_makes_its_row_nan(backend, renormalize, k):
 
 
 @pytest.mark.parametrize("renormalize", [True, False], ids=["renorm", "full"])
-def test_minus_inf_and_rows_with_fewer_than_k_finite_values(backend, renormalize):
+def test_minus_inf_and_rows_with_fewer_than_k_finite_values(backend, device, renormalize):
     x = torch.tensor(
         [
             [-math.inf, 2.0, -math.inf, 1.0, -math.inf],  # 2 finite values, k = 3
             [-math.inf] * 5,  # fully -inf: NaN, as torch.softmax
             [0.5, -math.inf, 3.0, -1.0, 2.0],
-        ]
+        ],
+        device=device,
     ).requires_grad_()
     w, idx = ao.topk_softmax(x, 3, renormalize=renormalize)
     assert idx.tolist() == [[1, 3, 0], [0, 1, 2], [2, 4, 0]]
@@ -172,7 +173,7 @@ def test_minus_inf_and_rows_with_fewer_than_k_finite_values(backend, renormalize
     assert_close(w[[0, 2]], w64[[0, 2]], torch.float32)
     assert w[0, 2].item() == 0.0
     assert torch.isnan(w[1]).all()
-    g = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0], [1.0, -1.0, 0.5]])
+    g = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0], [1.0, -1.0, 0.5]], device=device)
     (dx,) = torch.autograd.grad(w, x, g)
     x64 = x.detach().double().requires_grad_()
     (dx64,) = torch.autograd.grad(_oracle(x64, 3, renormalize=renormalize)[0], x64, g.double())
@@ -180,11 +181,11 @@ def test_minus_inf_and_rows_with_fewer_than_k_finite_values(backend, renormalize
     assert (dx[0, [0, 2, 4]] == 0).all()
 
     # Rows long enough for the vectorized CPU selection: 2 finite values, and -inf among finite ones.
-    wide = torch.full((3, 40), -math.inf)
-    wide[0, [5, 33]] = torch.tensor([1.0, 2.0])
-    wide[1] = _logits((40,), seed=8)
+    wide = torch.full((3, 40), -math.inf, device=device)
+    wide[0, [5, 33]] = torch.tensor([1.0, 2.0], device=device)
+    wide[1] = _logits((40,), seed=8, device=device)
     wide[1, [7, 20]] = -math.inf
-    wide[2, 3:] = _logits((37,), seed=9)
+    wide[2, 3:] = _logits((37,), seed=9, device=device)
     for k in (3, 20, 40):
         w, idx = ao.topk_softmax(wide, k, renormalize=renormalize)
         w64, idx64 = _oracle(wide, k, renormalize=renormalize)
@@ -192,10 +193,10 @@ def test_minus_inf_and_rows_with_fewer_than_k_finite_values(backend, renormalize
         assert_close(w, w64, torch.float32)
 
 
-def test_invariants(backend):
-    x = _logits((16, 40), seed=11)
+def test_invariants(backend, device):
+    x = _logits((16, 40), seed=11, device=device)
     w, idx = ao.topk_softmax(x, 6)
-    torch.testing.assert_close(w.sum(-1), torch.ones(16), atol=1e-6, rtol=0)
+    torch.testing.assert_close(w.sum(-1), torch.ones(16, device=device), atol=1e-6, rtol=0)
     assert (w[:, :-1] >= w[:, 1:]).all()
     full, idx_full = ao.topk_softmax(x, 6, renormalize=False)
     assert torch.equal(idx, idx_full)
@@ -210,8 +211,8 @@ def test_invariants(backend):
     torch.testing.assert_close(w_all, torch.softmax(x, -1).gather(-1, idx_all))
 
 
-def test_deterministic(backend):
-    x = _logits((9, 130), seed=2).requires_grad_()
+def test_deterministic(backend, device):
+    x = _logits((9, 130), seed=2, device=device).requires_grad_()
     runs = []
     for _ in range(2):
         w, idx = ao.topk_softmax(x, 7, renormalize=False)
@@ -222,48 +223,48 @@ def test_deterministic(backend):
 
 
 @pytest.mark.parametrize("renormalize", [True, False], ids=["renorm", "full"])
-def test_gradcheck(backend, renormalize):
-    x = _logits((2, 4, 2), torch.float64, seed=9).requires_grad_()  # small: Triton's interpreter is slow
+def test_gradcheck(backend, device, renormalize):
+    x = _logits((2, 4, 2), torch.float64, seed=9, device=device).requires_grad_()  # small: Triton's interpreter is slow
     assert torch.autograd.gradcheck(
         lambda x: ao.topk_softmax(x, 3, 1, renormalize=renormalize, temperature=1.3)[0], (x,)
     )
 
 
-def _opcheck_samples(prefix):
+def _opcheck_samples(prefix, device):
     fwd = getattr(OPS, f"{prefix}topk_softmax_forward")
     bwd = getattr(OPS, f"{prefix}topk_softmax_backward")
-    x = _logits((4, 9))
+    x = _logits((4, 9), device=device)
     samples = [
         (fwd, (x.clone().requires_grad_(), 3, True, 1.0)),
         (fwd, (x.clone().requires_grad_(), 9, False, 0.5)),
-        (fwd, (_logits((2, 3, 5), torch.bfloat16).requires_grad_(), 2, False, 1.0)),
+        (fwd, (_logits((2, 3, 5), torch.bfloat16, device=device).requires_grad_(), 2, False, 1.0)),
     ]
     for renormalize in (True, False):
         w, idx, lse = fwd(x, 3, renormalize, 1.0)
-        samples.append((bwd, (torch.rand(4, 3), x, w, idx, lse, renormalize, 1.0)))
+        samples.append((bwd, (torch.rand(4, 3, device=device), x, w, idx, lse, renormalize, 1.0)))
     return samples
 
 
 @pytest.mark.parametrize("prefix", ["", "triton_"], ids=["cpp", "triton"])
-def test_opcheck(prefix):
+def test_opcheck(prefix, device):
     if prefix and "triton" not in ao.available_backends():
         pytest.fail("triton backend unavailable: conftest sets TRITON_INTERPRET=1 on CPU machines")
-    for op, args in _opcheck_samples(prefix):
+    for op, args in _opcheck_samples(prefix, device):
         torch.library.opcheck(op, args)
 
 
 @pytest.mark.parametrize("renormalize", [True, False], ids=["renorm", "full"])
-def test_torch_compile_fullgraph(backend, renormalize):
+def test_torch_compile_fullgraph(backend, device, renormalize):
     """A router: logits -> topk_softmax -> weighted sum of expert outputs, compiled with fullgraph."""
     torch.manual_seed(0)
-    router = torch.nn.Linear(12, 10)
-    experts = torch.randn(10, 5)
+    router = torch.nn.Linear(12, 10).to(device)
+    experts = torch.randn(10, 5).to(device)
 
     def step(h):
         w, idx = ao.topk_softmax(router(h), 3, renormalize=renormalize)
         return (w.unsqueeze(-1) * experts[idx]).sum()
 
-    h = torch.randn(8, 12)
+    h = torch.randn(8, 12).to(device)
     eager = step(h)
     eager.backward()
     eager_grad = router.weight.grad.clone()
@@ -293,20 +294,20 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize(("kw", "error", "match"), BAD_INPUTS, ids=[str(b[0]) for b in BAD_INPUTS])
-def test_bad_input(backend, kw, error, match):
-    x = _logits((3, 10))
+def test_bad_input(backend, device, kw, error, match):
+    x = _logits((3, 10), device=device)
     kw = {"k": 2, **kw}
     with pytest.raises(error, match=match):
         ao.topk_softmax(x, **kw)
 
 
-def test_bad_logits(backend):
+def test_bad_logits(backend, device):
     with pytest.raises(TypeError, match=r"cast with \.float\(\)"):
-        ao.topk_softmax(torch.arange(6).view(2, 3), 1)
+        ao.topk_softmax(torch.arange(6, device=device).view(2, 3), 1)
     with pytest.raises(TypeError, match="must be a torch.Tensor"):
         ao.topk_softmax([1.0, 2.0], 1)
     with pytest.raises(ValueError, match=r"k must be in \[1, 0\]"):
-        ao.topk_softmax(torch.empty(3, 0), 1)
+        ao.topk_softmax(torch.empty(3, 0, device=device), 1)
 
 
 def test_tolerance_table_is_shared():
