@@ -1,7 +1,8 @@
-"""CPU kernels on short rows (issue 13 item 2): rows of up to 128 classes are worked on a vector's
-width of rows at a time, transposed into lanes, and the class-dim-1 lanes path forms its loss
-epilogue on vectors. The raw operators against float64 PyTorch at the sizes that path has edges:
-C=1, C=2, C around the vector width, rows not a multiple of it, the 128-class limit and one past,
+"""CPU kernels on short rows (issue 13 item 2): short rows (forward up to 32 classes, cross-entropy
+backward up to 16) are worked on a vector's width of rows at a time, transposed into lanes, and the
+class-dim-1 lanes paths read several vectors of positions per class and form the cross-entropy loss
+epilogue on vectors. The raw operators against float64 PyTorch at the sizes those paths have edges:
+C=1, C=2, C around the vector width and the limits, rows not a multiple of the vector width,
 non-finite rows, non-contiguous rows, every dtype."""
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from alchemy_ops import reference
 OPS = torch.ops.alchemy_ops
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 # classes: 1, 2, 3, vector widths -1/0/+1 (8 fp64 / 8 fp32 lanes under AVX2, 16 under AVX-512),
-# 21, the last transposed size and the first one past it.
-CLASSES = [1, 2, 3, 7, 8, 9, 16, 17, 21, 128, 129]
+# 21, the last transposed sizes and the first ones past them.
+CLASSES = [1, 2, 3, 7, 8, 9, 16, 17, 21, 32, 33, 129]
 ROWS = [1, 7, 9, 33]  # never a multiple of 8 or 16
 
 
@@ -135,7 +136,7 @@ CE_MODES = [
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("classes", [1, 2, 3, 9, 21, 128, 129])
+@pytest.mark.parametrize("classes", [1, 2, 3, 9, 16, 17, 21, 32, 33])
 @pytest.mark.parametrize("mode", CE_MODES, ids=["plain", "weight-smooth", "zloss-softcap", "probs"])
 @pytest.mark.parametrize("layout", ["contiguous", "sliced"])
 def test_cross_entropy_short_rows_match_float64(dtype, classes, mode, layout):
@@ -234,3 +235,21 @@ def test_cross_entropy_lanes_target_gradient_exact_near_one(layout):
     expected = torch.softmax(xb.double(), 1).select(1, 5) - 1
     assert (dx.select(1, 5) != 0).all()
     torch.testing.assert_close(dx.select(1, 5).double(), expected, rtol=1e-2, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("log", [False, True])
+def test_softmax_class_dim_1_wide_lanes_and_remainders(dtype, log):
+    """dim 1 of [N, C, d] with d = 45: blocks of 4 vectors of positions (4 x 8 under AVX2, fp32 and
+    fp64), then one vector, then single positions; one fully -inf position and one NaN."""
+    x = (torch.randn(2, 5, 45, generator=torch.Generator().manual_seed(5)) * 3).to(dtype)
+    x[0, :, 3] = float("-inf")
+    x[1, 2, 40] = float("nan")
+    y = OPS.softmax_forward(x, 1, 0.8, log, None)
+    z = x.double() / 0.8
+    assert_close(y, torch.log_softmax(z, 1) if log else torch.softmax(z, 1), dtype, scale=4.0)
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(6)).to(dtype)
+    dx = OPS.softmax_backward(grad, y, 1, 0.8, log)
+    y64, g64 = y.double(), grad.double()
+    ref = (g64 - y64.exp() * g64.sum(1, keepdim=True)) if log else y64 * (g64 - (g64 * y64).sum(1, keepdim=True))
+    assert_close(dx, ref / 0.8, dtype, scale=4.0)

@@ -192,10 +192,12 @@ void backward_strided(const scalar_t* dy, const scalar_t* y, scalar_t* dx, int64
         static_cast<acc_t>(dy[c * s[0].cls]), static_cast<acc_t>(y[c * s[1].cls]), dot, inv_t));
 }
 
-// Rows path with rows this short: kVec rows at a time are copied transposed into a
-// buffer, one row per vector lane, and run through the lanes kernels. A short row
-// would otherwise pay horizontal reductions and a scalar tail (C % kVec exps) each.
-constexpr int64_t kTransposedMaxClasses = 128;
+// Forward on the Rows path with rows this short: kVec rows at a time are copied transposed
+// into a buffer, one row per vector lane, and run through the lanes kernel. A short row would
+// otherwise pay horizontal reductions and a scalar tail (C % kVec exps) each. Measured here
+// (benchmarks/short_rows.py): faster than the rows kernel up to C = 21, slower at 100; the
+// backward (no exp for softmax, one for log) stays on the rows kernel, faster even at C = 2.
+constexpr int64_t kTransposedMaxClasses = 32;
 
 // A block of up to kVec rows of a Rows plan: the element offset of row l in operand k
 // is off[k][l]; lanes [rows, kVec) are padding.
@@ -312,18 +314,6 @@ void launch_backward(const RowPlan<3>& plan, const at::Tensor& dy, const at::Ten
   const auto inv_t = static_cast<acc_t>(inv_temperature);
   auto run = [&](auto log_tag) {
     constexpr bool kLog = decltype(log_tag)::value;
-    if (plan.path == RowPath::Rows && C <= kTransposedMaxClasses) {
-      const RowStrides lane{0, kVec, 1};
-      for_each_row_block<3, kVec>(plan, [&](const RowBlock<3, kVec>& b) {
-        alignas(64) acc_t dy_buf[kTransposedMaxClasses * kVec], y_buf[kTransposedMaxClasses * kVec];
-        load_transposed<kVec>(dyp, 1, b.off[0], b.rows, C, dy_buf);
-        load_transposed<kVec>(yp, 1, b.off[1], b.rows, C, y_buf);
-        // dx into dy_buf: each dx_c is written after dy_c is read
-        backward_lanes<acc_t, kLog, 1>(dy_buf, y_buf, dy_buf, C, {lane, lane, lane}, inv_t);
-        store_transposed<kVec>(dy_buf, b.rows, C, dxp, 1, b.off[2]);
-      });
-      return;
-    }
     for_each_row<3, kVec>(
         plan,
         [&](const std::array<int64_t, 3>& off) {
