@@ -88,20 +88,35 @@ void scatter(const acc_t* src, int64_t C, scalar_t* dx, int64_t stride) {
 
 enum class RowKind { Ignored, Bad, Valid };
 
-// Whether kVec adjacent positions can be the lanes of one vector: the class dim is strided
-// (class dim 1 of [N, C, d...]) while positions are adjacent in every operand.
+// Rows of up to this many classes (unit class stride) go kVec positions at a time through the
+// lanes path, copied transposed into a buffer: a short row would otherwise pay horizontal
+// reductions and a scalar tail of C % kVec exps each. Measured (benchmarks/short_rows.py): the
+// forward gains up to C = 21 and breaks even at 100, the backward gains at C <= 10 only.
+constexpr int64_t kTransposedMaxClassesForward = 32, kTransposedMaxClassesBackward = 16;
+
+// How positions map to work: one row at a time; kVec adjacent positions as the lanes of one
+// vector in place (class dim 1 of [N, C, d...]); or blocks of kVec short rows transposed.
+enum class PositionPath { Rows, Lanes, Transposed };
+
+// Lanes in place needs the class dim strided while positions are adjacent in every operand.
 template <typename scalar_t>
-bool use_lanes(const CrossEntropyProblem& p, const RowStrides* out) {
-  return p.xs.cls != 1 && p.xs.inner == 1 && p.inner >= AccVec<scalar_t>::size() && (!p.soft || p.ts.inner == 1) &&
-         (out == nullptr || out->inner == 1);
+PositionPath position_path(const CrossEntropyProblem& p, const RowStrides* out) {
+  if (p.xs.cls == 1) {
+    const int64_t most = out == nullptr ? kTransposedMaxClassesForward : kTransposedMaxClassesBackward;
+    return p.classes <= most ? PositionPath::Transposed : PositionPath::Rows;
+  }
+  const bool lanes = p.xs.inner == 1 && p.inner >= AccVec<scalar_t>::size() && (!p.soft || p.ts.inner == 1) &&
+                     (out == nullptr || out->inner == 1);
+  return lanes ? PositionPath::Lanes : PositionPath::Rows;
 }
 
 // Runs body(r, kind, y, z_row, t_row) over every position in parallel, with z_row the
 // row's (capped) logits and t_row its probability target (nullptr for class indices),
-// each either in place (unit stride, no softcap) or in this thread's buffers. With
-// `lanes`, full groups of kVec adjacent positions go to lanes(r0) instead.
-template <typename scalar_t, typename Body, typename LanesBody>
-void for_each_position(const CrossEntropyProblem& p, bool lanes, const Body& body, const LanesBody& lanes_body) {
+// each either in place (unit stride, no softcap) or in this thread's buffers. On the Lanes
+// path, full groups of kVec adjacent positions go to block(r0, kVec) instead; on the
+// Transposed path every position goes to block(r0, rows), rows <= kVec.
+template <typename scalar_t, typename Body, typename BlockBody>
+void for_each_position(const CrossEntropyProblem& p, PositionPath path, const Body& body, const BlockBody& block) {
   using acc_t = acc_type<scalar_t>;
   constexpr int64_t kVec = AccVec<scalar_t>::size();
   const scalar_t* x = p.x.const_data_ptr<scalar_t>();
@@ -128,11 +143,18 @@ void for_each_position(const CrossEntropyProblem& p, bool lanes, const Body& bod
     with_target(static_cast<const acc_t*>(buf.z.data()));
   };
   const int64_t grain = std::max<int64_t>(1, 32768 / C);  // ~32K elements per task
-  if (!lanes) {
+  if (path == PositionPath::Rows) {
     at::parallel_for(0, p.rows(), grain, [&](int64_t begin, int64_t end) {
       RowBuffers<acc_t>& buf = row_buffers<acc_t>(C);
       for (int64_t r = begin; r < end; ++r) visit(r, buf);
       stream_fence();  // streamed stores are visible before the task counts as done
+    });
+    return;
+  }
+  if (path == PositionPath::Transposed) {
+    const int64_t rows = p.rows(), blocks = (rows + kVec - 1) / kVec;
+    at::parallel_for(0, blocks, std::max<int64_t>(1, grain / kVec), [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) block(b * kVec, std::min(kVec, rows - b * kVec));
     });
     return;
   }
@@ -142,7 +164,7 @@ void for_each_position(const CrossEntropyProblem& p, bool lanes, const Body& bod
     for (int64_t b = begin; b < end; ++b) {
       const int64_t o = b / blocks, i0 = (b % blocks) * kVec;
       if (i0 + kVec <= inner) {
-        lanes_body(o * inner + i0);
+        block(o * inner + i0, kVec);
       } else {
         for (int64_t i = i0; i < inner; ++i) visit(o * inner + i, buf);
       }
@@ -151,9 +173,8 @@ void for_each_position(const CrossEntropyProblem& p, bool lanes, const Body& bod
   });
 }
 
-// The lanes path: kVec adjacent positions (unit stride between positions, the classes at
-// stride cls) as the lanes of one vector, looping over the classes; the same math as the
-// rows, lane by lane.
+// The lanes path: kVec positions (the classes of lane l at xb + l + c * x_cls) as the lanes
+// of one vector, looping over the classes; the same math as the rows, lane by lane.
 template <typename scalar_t>
 struct LaneBlock {
   using acc_t = acc_type<scalar_t>;
@@ -163,21 +184,22 @@ struct LaneBlock {
   const CrossEntropyProblem& p;
   const RowContext<acc_t>& ctx;
   const scalar_t* xb;  // class 0 of the first lane
+  int64_t x_cls;       // class stride of xb
   const scalar_t* tb;  // its probability target, or nullptr
+  int64_t t_cls;       // class stride of tb
   Vec y;               // class index per lane (-1 where not valid)
   Vec w_y;             // weight at the class index (0 where not valid)
   Vec fill;            // what a lane that is not valid gets: 0 (ignored) or NaN (bad index)
   Vec invalid;         // mask of those lanes
   bool any_invalid = false;
 
-  LaneBlock(const CrossEntropyProblem& problem, const RowContext<acc_t>& context, int64_t r0)
-      : p(problem), ctx(context) {
-    const int64_t o = r0 / p.inner, i0 = r0 % p.inner;
-    xb = p.x.const_data_ptr<scalar_t>() + o * p.xs.outer + i0;
-    tb = p.soft ? p.target.const_data_ptr<scalar_t>() + o * p.ts.outer + i0 : nullptr;
+  // targets: the K lanes' class indices (unread for probability targets).
+  LaneBlock(const CrossEntropyProblem& problem, const RowContext<acc_t>& context, const scalar_t* x_block,
+            int64_t x_class_stride, const int64_t* targets, const scalar_t* t_block, int64_t t_class_stride)
+      : p(problem), ctx(context), xb(x_block), x_cls(x_class_stride), tb(t_block), t_cls(t_class_stride) {
     acc_t ys[K], ws[K], fills[K], bad[K];
     for (int l = 0; l < K; ++l) {
-      const int64_t t = p.soft ? 0 : p.target.const_data_ptr<int64_t>()[r0 + l];
+      const int64_t t = p.soft ? 0 : targets[l];
       const bool ignored = !p.soft && t == p.ignore_index, valid = p.soft || (!ignored && target_in_range(t, p.classes));
       ys[l] = valid && !p.soft ? acc_t(t) : acc_t(-1);
       ws[l] = valid && !p.soft ? weight_at(ctx.w, t) : acc_t(0);
@@ -191,8 +213,16 @@ struct LaneBlock {
     invalid = Vec::loadu(bad) == Vec(1);
   }
 
+  // The block of kVec adjacent positions from r0 read in place (the Lanes path).
+  static LaneBlock in_place(const CrossEntropyProblem& p, const RowContext<acc_t>& ctx, int64_t r0) {
+    const int64_t o = r0 / p.inner, i0 = r0 % p.inner;
+    return LaneBlock(p, ctx, p.x.const_data_ptr<scalar_t>() + o * p.xs.outer + i0, p.xs.cls,
+                     p.soft ? nullptr : p.target.const_data_ptr<int64_t>() + r0,
+                     p.soft ? p.target.const_data_ptr<scalar_t>() + o * p.ts.outer + i0 : nullptr, p.ts.cls);
+  }
+
   Vec logits(int64_t c) const {
-    const Vec x = load_acc(xb + c * p.xs.cls);
+    const Vec x = load_acc(xb + c * x_cls);
     if (!(ctx.cfg.softcap > 0)) return x;
     return Vec(ctx.cfg.softcap) * (x * Vec(acc_t(1) / ctx.cfg.softcap)).tanh();
   }
@@ -201,20 +231,23 @@ struct LaneBlock {
 
   Vec weighted_prob(int64_t c) const {  // w_c t'_c
     const auto& cfg = ctx.cfg;
-    return weight(c) * at::vec::fmadd(load_acc(tb + c * p.ts.cls), Vec(acc_t(1) - cfg.smoothing),
+    return weight(c) * at::vec::fmadd(load_acc(tb + c * t_cls), Vec(acc_t(1) - cfg.smoothing),
                                       Vec(cfg.smoothing / acc_t(cfg.classes)));
   }
 
   // Loss and saved lse of every lane, in one pass over the classes. The sums are taken
   // relative to class 0's logit and moved to the row max at the end (see the CUDA kernel).
-  void forward(acc_t* loss, double* lse, RowLogSumExp<acc_t>* parts) const {
+  // parts gets each lane's lse as max + log_sum.
+  void forward(acc_t* loss, double* lse, SplitLse<acc_t>* parts) const {
     const auto& cfg = ctx.cfg;
     const int64_t C = cfg.classes;
     const bool sums = p.soft || cfg.smoothing > 0;
     const Vec ninf(neg_inf<acc_t>()), zero(0);
     Vec zref = logits(0);
     zref = Vec::blendv(zero, zref, zref.abs() < Vec(-neg_inf<acc_t>()));  // a non-finite reference: 0
-    Vec vmax = ninf, vsum = zero, zy = zero, s1 = zero, s2 = zero;
+    // vsum is compensated (Kahan): one lane sums one position's classes in sequence, and a confident
+    // row's small terms would each round away against its 1, which p_y - 1 in backward depends on.
+    Vec vmax = ninf, vsum = zero, vsum_lost = zero, zy = zero, s1 = zero, s2 = zero;
     for (int64_t c = 0; c < C; c += kVecsPerStep) {
       const int64_t n = std::min<int64_t>(kVecsPerStep, C - c);
       Vec z[kVecsPerStep];
@@ -225,9 +258,13 @@ struct LaneBlock {
       }
       const Vec new_max = running_max(vmax, step_max);
       const Vec shift = Vec::blendv(new_max, zero, new_max == ninf);  // lane-wise finite_shift
-      vsum = vsum * fast_exp(vmax - shift);
+      const Vec rescale = fast_exp(vmax - shift);
+      vsum = vsum * rescale;
+      vsum_lost = vsum_lost * rescale;
       for (int64_t j = 0; j < n; ++j) {
-        vsum += fast_exp(z[j] - shift);
+        const Vec term = fast_exp(z[j] - shift) - vsum_lost, sum = vsum + term;
+        vsum_lost = (sum - vsum) - term;
+        vsum = sum;
         if (!p.soft) zy = Vec::blendv(zy, z[j], y == Vec(acc_t(c + j)));
         if (p.soft) {
           const Vec q = weighted_prob(c + j);
@@ -239,29 +276,32 @@ struct LaneBlock {
       }
       vmax = new_max;
     }
-    acc_t m[K], sm[K], zys[K], a1[K], a2[K], refs[K], bad[K], fills[K], wys[K];
-    vmax.store(m);
-    vsum.store(sm);
-    zy.store(zys);
-    s1.store(a1);
-    s2.store(a2);
-    zref.store(refs);
-    Vec::blendv(zero, Vec(1), invalid).store(bad);
-    fill.store(fills);
-    w_y.store(wys);
-    for (int l = 0; l < K; ++l) {
-      if (bad[l] != 0) {
-        loss[l] = fills[l];
-        lse[l] = static_cast<double>(fills[l]);
-        parts[l] = {fills[l], fills[l]};
-        continue;
+    // The epilogue, lane-wise: row_log_sum_exp (NaN parts for a max of NaN or +-inf), then
+    // class_target_loss / prob_target_loss of cross_entropy.h on vectors.
+    const Vec nan(std::numeric_limits<acc_t>::quiet_NaN());
+    const Vec finite = vmax.abs() < Vec(-neg_inf<acc_t>());
+    const Vec max = Vec::blendv(nan, vmax, finite), log_sum = Vec::blendv(nan, vsum.log(), finite);
+    const Vec to_max = max - zref;  // sum w (z - max) = sum w (z - ref) - (max - ref) sum w
+    const Vec lse_value = max + log_sum;
+    Vec l;
+    if (p.soft) {
+      l = s1 * log_sum - (s2 - to_max * s1);
+    } else {
+      l = Vec(acc_t(1) - cfg.smoothing) * w_y * (log_sum - (zy - max));
+      if (sums) {
+        const Vec W(cfg.weight_sum);
+        l += Vec(cfg.smoothing / acc_t(C)) * (W * log_sum - (s1 - to_max * W));
       }
-      const RowLogSumExp<acc_t> part = row_log_sum_exp(SoftmaxStats<acc_t>{m[l], sm[l]});
-      const acc_t to_max = part.max - refs[l];  // sum w (z - max) = sum w (z - ref) - (max - ref) sum w
-      loss[l] = p.soft ? prob_target_loss(part, a1[l], a2[l] - to_max * a1[l], cfg)
-                       : class_target_loss(part, zys[l], wys[l], sums ? a1[l] - to_max * cfg.weight_sum : acc_t(0), cfg);
-      lse[l] = saved_lse(part);
-      parts[l] = part;
+    }
+    l += Vec(cfg.z_loss) * lse_value * lse_value;
+    if (any_invalid) l = Vec::blendv(l, fill, invalid);
+    l.store(loss);
+    acc_t m[K], ls[K];
+    Vec::blendv(max, fill, invalid).store(m);
+    Vec::blendv(log_sum, fill, invalid).store(ls);
+    for (int k = 0; k < K; ++k) {
+      lse[k] = saved_lse(RowLogSumExp<acc_t>{m[k], ls[k]});
+      parts[k] = {m[k], ls[k]};
     }
   }
 
@@ -283,6 +323,18 @@ struct LaneBlock {
       los[l] = lse[l].lo;
       coef[l] = grad_prob_coeff(mass[l], lse[l], cfg) * g[l];
     }
+    // The target class's p_y - 1 needs exp exact near 1 (fast_exp is off by up to ~20 ulp, the size
+    // of 1 - p_y for a confident prediction): formed as the rows path forms it, from the logit read
+    // before db (which may alias the logits) is written, and stored after the vector loop.
+    acc_t ys[K], target_grad[K];
+    y.store(ys);
+    if (!p.soft) {
+      for (int l = 0; l < K; ++l) {
+        if (ys[l] < 0) continue;  // ignored or bad: the fill stays
+        const acc_t x_target = static_cast<acc_t>(xb[l + static_cast<int64_t>(ys[l]) * x_cls]);
+        target_grad[l] = class_target_grad_at_target(g[l], x_target, lse[l], wys[l], cfg);
+      }
+    }
     const Vec va = Vec::loadu(coef), vg = Vec::loadu(g), hi = Vec::loadu(his), lo = Vec::loadu(los);
     const Vec spread(cfg.smoothing / acc_t(C)), target_term = w_y * Vec(acc_t(1) - cfg.smoothing), zero(0);
     const Vec inv_cap(cfg.softcap > 0 ? acc_t(1) / cfg.softcap : acc_t(0)), one(1);
@@ -297,6 +349,43 @@ struct LaneBlock {
       if (any_invalid) d = Vec::blendv(d, fill, invalid);
       stream ? store_acc_stream(db + c * dcls, d) : store_acc(db + c * dcls, d);
     }
+    if (p.soft) return;
+    for (int l = 0; l < K; ++l)
+      if (ys[l] >= 0) db[l + static_cast<int64_t>(ys[l]) * dcls] = static_cast<D>(target_grad[l]);
+  }
+};
+
+// The Transposed path's buffers: up to kVec short rows from position r0, class c of row l at
+// x[c * kVec + l], with their class indices (ignore_index in the padding lanes) or
+// probability targets.
+template <typename scalar_t>
+struct TransposedRows {
+  static constexpr int64_t K = AccVec<scalar_t>::size();
+  scalar_t x[kTransposedMaxClassesForward * K];  // the larger of the two limits
+  scalar_t t[kTransposedMaxClassesForward * K];
+  int64_t targets[K];
+  int64_t rows;
+
+  TransposedRows(const CrossEntropyProblem& p, int64_t r0, int64_t n) : rows(n) {
+    const std::array<int64_t, K> x_off = offsets(p, p.xs, r0);
+    load_transposed<K>(p.x.const_data_ptr<scalar_t>(), 1, x_off, rows, p.classes, x);
+    if (p.soft) {
+      load_transposed<K>(p.target.const_data_ptr<scalar_t>(), p.ts.cls, offsets(p, p.ts, r0), rows, p.classes, t);
+    } else {
+      const int64_t* target = p.target.const_data_ptr<int64_t>();
+      for (int64_t l = 0; l < K; ++l) targets[l] = l < rows ? target[r0 + l] : p.ignore_index;
+    }
+  }
+
+  // Element offsets of the rows' class 0 in an operand with strides s.
+  std::array<int64_t, K> offsets(const CrossEntropyProblem& p, const RowStrides& s, int64_t r0) const {
+    std::array<int64_t, K> off{};
+    for (int64_t l = 0; l < rows; ++l) off[l] = (r0 + l) / p.inner * s.outer + (r0 + l) % p.inner * s.inner;
+    return off;
+  }
+
+  LaneBlock<scalar_t> block(const CrossEntropyProblem& p, const RowContext<acc_type<scalar_t>>& ctx) const {
+    return LaneBlock<scalar_t>(p, ctx, x, K, targets, p.soft ? t : nullptr, K);
   }
 };
 
@@ -312,16 +401,30 @@ void launch_forward(const CrossEntropyProblem& p, at::Tensor& loss_t, at::Tensor
   scalar_t* x = scale ? p.x.mutable_data_ptr<scalar_t>() : nullptr;
   const int64_t C = p.classes;
   constexpr acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
-  auto lanes = [&](int64_t r0) {
-    LaneBlock<scalar_t> block(p, ctx, r0);
-    RowLogSumExp<acc_t> parts[LaneBlock<scalar_t>::K];
-    block.forward(loss + r0, lse + r0, parts);
+  const PositionPath path = position_path<scalar_t>(p, nullptr);
+  auto block = [&](int64_t r0, int64_t rows) {
+    constexpr int64_t K = LaneBlock<scalar_t>::K;
+    SplitLse<acc_t> parts[K];
+    if (path == PositionPath::Lanes) {
+      const auto lanes = LaneBlock<scalar_t>::in_place(p, ctx, r0);
+      lanes.forward(loss + r0, lse + r0, parts);
+      if (x) lanes.gradient(scale + r0, parts, x + (lanes.xb - p.x.const_data_ptr<scalar_t>()), p.xs.cls, false);
+      return;
+    }
+    TransposedRows<scalar_t> buf(p, r0, rows);
+    const auto lanes = buf.block(p, ctx);
+    acc_t block_loss[K];
+    double block_lse[K];
+    lanes.forward(block_loss, block_lse, parts);
+    std::copy_n(block_loss, rows, loss + r0);
+    std::copy_n(block_lse, rows, lse + r0);
     if (!x) return;
-    SplitLse<acc_t> split[LaneBlock<scalar_t>::K];
-    for (int l = 0; l < LaneBlock<scalar_t>::K; ++l) split[l] = {parts[l].max, parts[l].log_sum};
-    block.gradient(scale + r0, split, x + (block.xb - p.x.const_data_ptr<scalar_t>()), p.xs.cls, false);
+    acc_t g[K] = {};
+    std::copy_n(scale + r0, rows, g);
+    lanes.gradient(g, parts, buf.x, K, false);  // over the logits in the buffer, each read before written
+    store_transposed<K>(buf.x, rows, C, x, 1, buf.offsets(p, p.xs, r0));
   };
-  for_each_position<scalar_t>(p, use_lanes<scalar_t>(p, nullptr), [&](int64_t r, RowKind kind, int64_t y, const auto* z, const auto* t) {
+  for_each_position<scalar_t>(p, path, [&](int64_t r, RowKind kind, int64_t y, const auto* z, const auto* t) {
     scalar_t* xr = x ? x + (r / p.inner) * p.xs.outer + (r % p.inner) * p.xs.inner : nullptr;
     if (kind != RowKind::Valid) {  // ignored: no loss, no gradient; bad (unchecked): NaN
       const acc_t value = kind == RowKind::Ignored ? acc_t(0) : nan;
@@ -344,7 +447,7 @@ void launch_forward(const CrossEntropyProblem& p, at::Tensor& loss_t, at::Tensor
       row_grad(z, t, y, x_target, scale[r], split, ctx, zbuf);
       scatter(zbuf, C, xr, p.xs.cls);
     }
-  }, lanes);
+  }, block);
 }
 
 template <typename scalar_t>
@@ -360,14 +463,25 @@ void launch_backward(const CrossEntropyProblem& p, const at::Tensor& g_t, const 
   const int64_t C = p.classes;
   // A gradient much larger than the last-level cache is written around it.
   const bool stream = dx_t.nbytes() > (int64_t(64) << 20);
-  auto lanes = [&](int64_t r0) {
-    LaneBlock<scalar_t> block(p, ctx, r0);
-    SplitLse<acc_t> split[LaneBlock<scalar_t>::K];
-    for (int l = 0; l < LaneBlock<scalar_t>::K; ++l) split[l] = split_lse<acc_t>(lse[r0 + l]);
-    const int64_t o = r0 / p.inner, i0 = r0 % p.inner;
-    block.gradient(g + r0, split, dx + o * ds.outer + i0, ds.cls, stream);
+  const PositionPath path = position_path<scalar_t>(p, &ds);
+  auto block = [&](int64_t r0, int64_t rows) {
+    constexpr int64_t K = LaneBlock<scalar_t>::K;
+    SplitLse<acc_t> split[K] = {};
+    acc_t g_block[K] = {};
+    for (int64_t l = 0; l < rows; ++l) {
+      split[l] = split_lse<acc_t>(lse[r0 + l]);
+      g_block[l] = g[r0 + l];
+    }
+    if (path == PositionPath::Lanes) {
+      const int64_t o = r0 / p.inner, i0 = r0 % p.inner;
+      LaneBlock<scalar_t>::in_place(p, ctx, r0).gradient(g_block, split, dx + o * ds.outer + i0, ds.cls, stream);
+      return;
+    }
+    TransposedRows<scalar_t> buf(p, r0, rows);
+    buf.block(p, ctx).gradient(g_block, split, buf.x, K, false);  // over the logits in the buffer
+    store_transposed<K>(buf.x, rows, C, dx, ds.cls, buf.offsets(p, ds, r0));
   };
-  for_each_position<scalar_t>(p, use_lanes<scalar_t>(p, &ds), [&](int64_t r, RowKind kind, int64_t y, const auto* z, const auto* t) {
+  for_each_position<scalar_t>(p, path, [&](int64_t r, RowKind kind, int64_t y, const auto* z, const auto* t) {
     const int64_t o = r / p.inner, i = r % p.inner;
     scalar_t* dr = dx + o * ds.outer + i * ds.inner;
     if (kind != RowKind::Valid) {
@@ -381,7 +495,7 @@ void launch_backward(const CrossEntropyProblem& p, const at::Tensor& g_t, const 
     grad.resize(C);
     row_grad(z, t, y, x_target, g[r], split, ctx, grad.data());
     scatter(grad.data(), C, dr, ds.cls);
-  }, lanes);
+  }, block);
 }
 
 template <typename Launch>

@@ -94,49 +94,74 @@ void backward_row(const scalar_t* dy, const scalar_t* y, scalar_t* dx, int64_t C
         softmax_grad<kLog>(static_cast<acc_t>(dy[c]), static_cast<acc_t>(y[c]), dot, inv_t));
 }
 
-// Lanes path: kVec adjacent rows (unit stride along `inner`) reduced together
-// while looping over the classes at stride `cls`.
-template <typename in_t, typename out_t, bool kLog>
+// Lanes path: W * kVec adjacent rows (unit stride along `inner`) reduced together
+// while looping over the classes at stride `cls`, vector w holding rows [w * kVec, (w + 1) * kVec).
+// W > 1 reads whole cache lines per class: with a large power-of-two stride the classes of a
+// block share cache sets, and half a line left for the next block is often evicted by then.
+template <typename in_t, typename out_t, bool kLog, int W>
 void forward_lanes(const in_t* x, out_t* y, int64_t C, int64_t xs, int64_t ys,
                    acc_type<in_t> inv_t) {
   using acc_t = acc_type<in_t>;
   using Vec = AccVec<in_t>;
+  constexpr int64_t kVec = Vec::size();
   const Vec vinv(inv_t), zero(0), ninf(neg_inf<acc_t>());
-  Vec vmax = ninf, vsum = zero;
+  Vec vmax[W], vsum[W];
+  ALCHEMY_UNROLL
+  for (int w = 0; w < W; ++w) vmax[w] = ninf, vsum[w] = zero;
   for (int64_t c = 0; c < C; c += kVecsPerStep) {
     const int64_t n = std::min<int64_t>(kVecsPerStep, C - c);
-    Vec step_max = ninf;
-    for (int64_t j = 0; j < n; ++j) step_max = running_max(step_max, load_acc(x + (c + j) * xs));
-    const Vec new_max = running_max(vmax, step_max);
-    const Vec shift = Vec::blendv(new_max, zero, new_max == ninf);  // lane-wise finite_shift
-    vsum = vsum * fast_exp((vmax - shift) * vinv);
-    for (int64_t j = 0; j < n; ++j) vsum += fast_exp((load_acc(x + (c + j) * xs) - shift) * vinv);
-    vmax = new_max;
+    ALCHEMY_UNROLL
+    for (int w = 0; w < W; ++w) {
+      const in_t* xw = x + w * kVec;
+      Vec step_max = ninf;
+      for (int64_t j = 0; j < n; ++j) step_max = running_max(step_max, load_acc(xw + (c + j) * xs));
+      const Vec new_max = running_max(vmax[w], step_max);
+      const Vec shift = Vec::blendv(new_max, zero, new_max == ninf);  // lane-wise finite_shift
+      vsum[w] = vsum[w] * fast_exp((vmax[w] - shift) * vinv);
+      for (int64_t j = 0; j < n; ++j) vsum[w] += fast_exp((load_acc(xw + (c + j) * xs) - shift) * vinv);
+      vmax[w] = new_max;
+    }
   }
   // Lane-wise output_constants: NaN for degenerate lanes (max NaN or +-inf).
-  const Vec finite = vmax.abs() < Vec(std::numeric_limits<acc_t>::infinity());
-  const Vec nan(std::numeric_limits<acc_t>::quiet_NaN());
-  const Vec shift = Vec::blendv(nan, vmax, finite);
-  const Vec log_sum = vsum.log(), inv_sum = vsum.reciprocal();
+  const Vec nan(std::numeric_limits<acc_t>::quiet_NaN()), inf(std::numeric_limits<acc_t>::infinity());
+  Vec shift[W], log_sum[W], inv_sum[W];
+  ALCHEMY_UNROLL
+  for (int w = 0; w < W; ++w) {
+    shift[w] = Vec::blendv(nan, vmax[w], vmax[w].abs() < inf);
+    if (kLog) log_sum[w] = vsum[w].log();
+    else inv_sum[w] = vsum[w].reciprocal();
+  }
   for (int64_t c = 0; c < C; ++c) {
-    const Vec z = (load_acc(x + c * xs) - shift) * vinv;
-    store_acc(y + c * ys, kLog ? z - log_sum : fast_exp(z) * inv_sum);
+    ALCHEMY_UNROLL
+    for (int w = 0; w < W; ++w) {
+      const Vec z = (load_acc(x + w * kVec + c * xs) - shift[w]) * vinv;
+      store_acc(y + w * kVec + c * ys, kLog ? z - log_sum[w] : fast_exp(z) * inv_sum[w]);
+    }
   }
 }
 
-template <typename scalar_t, bool kLog>
+template <typename scalar_t, bool kLog, int W>
 void backward_lanes(const scalar_t* dy, const scalar_t* y, scalar_t* dx, int64_t C,
                     const std::array<RowStrides, 3>& s, acc_type<scalar_t> inv_t) {
   using Vec = AccVec<scalar_t>;
-  Vec vdot(0);
+  constexpr int64_t kVec = Vec::size();
+  Vec vdot[W];
+  ALCHEMY_UNROLL
+  for (int w = 0; w < W; ++w) vdot[w] = Vec(0);
   for (int64_t c = 0; c < C; ++c) {
-    const Vec g = load_acc(dy + c * s[0].cls);
-    vdot += kLog ? g : g * load_acc(y + c * s[1].cls);
+    ALCHEMY_UNROLL
+    for (int w = 0; w < W; ++w) {
+      const Vec g = load_acc(dy + w * kVec + c * s[0].cls);
+      vdot[w] += kLog ? g : g * load_acc(y + w * kVec + c * s[1].cls);
+    }
   }
   const Vec vinv(inv_t);
   for (int64_t c = 0; c < C; ++c) {
-    const Vec g = load_acc(dy + c * s[0].cls), out = load_acc(y + c * s[1].cls);
-    store_acc(dx + c * s[2].cls, kLog ? (g - fast_exp(out) * vdot) * vinv : out * (g - vdot) * vinv);
+    ALCHEMY_UNROLL
+    for (int w = 0; w < W; ++w) {
+      const Vec g = load_acc(dy + w * kVec + c * s[0].cls), out = load_acc(y + w * kVec + c * s[1].cls);
+      store_acc(dx + w * kVec + c * s[2].cls, kLog ? (g - fast_exp(out) * vdot[w]) * vinv : out * (g - vdot[w]) * vinv);
+    }
   }
 }
 
@@ -167,8 +192,47 @@ void backward_strided(const scalar_t* dy, const scalar_t* y, scalar_t* dx, int64
         static_cast<acc_t>(dy[c * s[0].cls]), static_cast<acc_t>(y[c * s[1].cls]), dot, inv_t));
 }
 
+// Forward on the Rows path with rows this short: kVec rows at a time are copied transposed
+// into a buffer, one row per vector lane, and run through the lanes kernel. A short row would
+// otherwise pay horizontal reductions and a scalar tail (C % kVec exps) each. Measured here
+// (benchmarks/short_rows.py): faster than the rows kernel up to C = 21, slower at 100; the
+// backward (no exp for softmax, one for log) stays on the rows kernel, faster even at C = 2.
+constexpr int64_t kTransposedMaxClasses = 32;
+
+// A block of up to kVec rows of a Rows plan: the element offset of row l in operand k
+// is off[k][l]; lanes [rows, kVec) are padding.
+template <size_t N, int64_t kVec>
+struct RowBlock {
+  std::array<std::array<int64_t, kVec>, N> off;
+  int64_t rows;
+};
+
+// Runs block(RowBlock) over the rows of a Rows plan in blocks of kVec, in parallel.
+template <size_t N, int64_t kVec, typename BlockFn>
+void for_each_row_block(const RowPlan<N>& plan, const BlockFn& block) {
+  const RowGeometry& g = plan.geometry;
+  const int64_t blocks = (g.rows() + kVec - 1) / kVec;
+  const int64_t grain = std::max<int64_t>(1, 32768 / (std::max<int64_t>(g.classes, 1) * kVec));
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    RowBlock<N, kVec> b;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r0 = i * kVec;
+      b.rows = std::min(kVec, g.rows() - r0);
+      for (int64_t l = 0; l < b.rows; ++l) {
+        const int64_t o = (r0 + l) / g.inner, in = (r0 + l) % g.inner;
+        for (size_t k = 0; k < N; ++k) b.off[k][l] = o * plan.strides[k].outer + in * plan.strides[k].inner;
+      }
+      block(b);
+    }
+  });
+}
+
+// Vectors of rows per block of the Lanes path (see forward_lanes).
+constexpr int kLanesWide = 4;
+
 // Runs `row(offsets...)` over every row of the plan, in parallel. For the Lanes
-// path `lanes(offsets...)` handles kVec adjacent rows and `row` the remainder.
+// path `lanes(offsets..., w)` handles w * kVec adjacent rows, w = kLanesWide or 1
+// (std::integral_constant), and `row` the remainder.
 template <size_t N, int64_t kVec, typename RowFn, typename LanesFn>
 void for_each_row(const RowPlan<N>& plan, const RowFn& row, const LanesFn& lanes) {
   const RowGeometry& g = plan.geometry;
@@ -186,16 +250,19 @@ void for_each_row(const RowPlan<N>& plan, const RowFn& row, const LanesFn& lanes
     });
     return;
   }
-  const int64_t blocks = (g.inner + kVec - 1) / kVec;
-  const int64_t grain = std::max<int64_t>(1, 32768 / (work_per_row * kVec));
+  constexpr int64_t kSpan = kLanesWide * kVec;
+  const int64_t blocks = (g.inner + kSpan - 1) / kSpan;
+  const int64_t grain = std::max<int64_t>(1, 32768 / (work_per_row * kSpan));
   at::parallel_for(0, g.outer * blocks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t o = t / blocks, i0 = (t % blocks) * kVec;
-      if (i0 + kVec <= g.inner) {
-        lanes(offsets(o, i0));
-      } else {
-        for (int64_t i = i0; i < g.inner; ++i) row(offsets(o, i));
+      const int64_t o = t / blocks;
+      int64_t i = (t % blocks) * kSpan;
+      if (i + kSpan <= g.inner) {
+        lanes(offsets(o, i), std::integral_constant<int, kLanesWide>{});
+        continue;
       }
+      for (; i + kVec <= g.inner; i += kVec) lanes(offsets(o, i), std::integral_constant<int, 1>{});
+      for (; i < g.inner; ++i) row(offsets(o, i));
     }
   });
 }
@@ -211,6 +278,15 @@ void launch_forward(const RowPlan<2>& plan, const at::Tensor& x, at::Tensor& y, 
   const auto inv_t = static_cast<acc_t>(inv_temperature);
   auto run = [&](auto log_tag) {
     constexpr bool kLog = decltype(log_tag)::value;
+    if (plan.path == RowPath::Rows && C <= kTransposedMaxClasses) {
+      for_each_row_block<2, kVec>(plan, [&](const RowBlock<2, kVec>& b) {
+        alignas(64) acc_t buf[kTransposedMaxClasses * kVec];
+        load_transposed<kVec>(xp, 1, b.off[0], b.rows, C, buf);
+        forward_lanes<acc_t, acc_t, kLog, 1>(buf, buf, C, kVec, kVec, inv_t);  // in place: y_c after x_c is read
+        store_transposed<kVec>(buf, b.rows, C, yp, 1, b.off[1]);
+      });
+      return;
+    }
     for_each_row<2, kVec>(
         plan,
         [&](const std::array<int64_t, 2>& off) {
@@ -219,8 +295,8 @@ void launch_forward(const RowPlan<2>& plan, const at::Tensor& x, at::Tensor& y, 
           else
             forward_strided<in_t, out_t, kLog>(xp + off[0], yp + off[1], C, xs, ys, inv_t);
         },
-        [&](const std::array<int64_t, 2>& off) {
-          forward_lanes<in_t, out_t, kLog>(xp + off[0], yp + off[1], C, xs, ys, inv_t);
+        [&](const std::array<int64_t, 2>& off, auto wide) {
+          forward_lanes<in_t, out_t, kLog, decltype(wide)::value>(xp + off[0], yp + off[1], C, xs, ys, inv_t);
         });
   };
   log ? run(std::true_type{}) : run(std::false_type{});
@@ -246,8 +322,9 @@ void launch_backward(const RowPlan<3>& plan, const at::Tensor& dy, const at::Ten
           else
             backward_strided<scalar_t, kLog>(dyp + off[0], yp + off[1], dxp + off[2], C, plan.strides, inv_t);
         },
-        [&](const std::array<int64_t, 3>& off) {
-          backward_lanes<scalar_t, kLog>(dyp + off[0], yp + off[1], dxp + off[2], C, plan.strides, inv_t);
+        [&](const std::array<int64_t, 3>& off, auto wide) {
+          backward_lanes<scalar_t, kLog, decltype(wide)::value>(dyp + off[0], yp + off[1], dxp + off[2], C,
+                                                                plan.strides, inv_t);
         });
   };
   log ? run(std::true_type{}) : run(std::false_type{});

@@ -129,6 +129,26 @@ inline at::vec::Vectorized<float> running_max(const at::vec::Vectorized<float>& 
 }
 #endif
 
+// Transposed blocks of short rows, one row per vector lane: buf[c * kVec + l] = class c of
+// row l, which starts at x + off[l] with its classes at stride `cls`; zeros in lanes [rows, kVec).
+template <int64_t kVec, typename scalar_t, typename buf_t, typename Offsets>
+inline void load_transposed(const scalar_t* x, int64_t cls, const Offsets& off, int64_t rows, int64_t C, buf_t* buf) {
+  for (int64_t l = 0; l < kVec; ++l) {
+    if (l < rows) {
+      for (int64_t c = 0; c < C; ++c) buf[c * kVec + l] = static_cast<buf_t>(x[off[l] + c * cls]);
+    } else {
+      for (int64_t c = 0; c < C; ++c) buf[c * kVec + l] = buf_t(0);
+    }
+  }
+}
+
+// The inverse of load_transposed for the first `rows` lanes.
+template <int64_t kVec, typename buf_t, typename scalar_t, typename Offsets>
+inline void store_transposed(const buf_t* buf, int64_t rows, int64_t C, scalar_t* y, int64_t cls, const Offsets& off) {
+  for (int64_t l = 0; l < rows; ++l)
+    for (int64_t c = 0; c < C; ++c) y[off[l] + c * cls] = static_cast<scalar_t>(buf[c * kVec + l]);
+}
+
 template <typename acc_t>
 inline acc_t reduce_max(const at::vec::Vectorized<acc_t>& v) {
   return at::vec::vec_reduce_all<acc_t>(
