@@ -164,6 +164,10 @@ def test_gradient_rows_sum_to_zero_and_target_term_is_p_minus_one(backend, devic
 
 def test_bf16_target_term_formed_in_fp32(backend, device):
     """p_y - 1 with p_y close to 1: rounding p_y to bf16 first would give exactly 0 or -2^-8 steps."""
+    if backend == "reference":
+        # PyTorch's own fp32 log_softmax backward forms exp(log p_y) - 1 after rounding exp to fp32
+        # (up to 13% off here with AVX2's exp): the property is our kernels', not PyTorch's.
+        pytest.skip("the reference backend is PyTorch's composition, which does not form p_y - 1 exactly")
     x = torch.full((4, 64), -12.0, device=device)
     x[:, 5] = 6.0
     x += torch.linspace(0, 0.01, 64, device=device)
