@@ -13,7 +13,7 @@ import alchemy_ops as ao
 pytestmark = pytest.mark.skipif("triton" not in BACKENDS, reason="the triton backend is not available here")
 
 if "triton" in BACKENDS:
-    from alchemy_ops.triton import _tiling, cross_entropy, cross_entropy_shard, gumbel_softmax, softmax, topk_softmax
+    from alchemy_ops.triton import _tiling
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
@@ -43,6 +43,13 @@ def test_int64_offsets_from_the_first_overflowing_span():
     assert _tiling.needs_int64(128255 * 16744, 4096)
 
 
+def test_int64_offsets_take_8_byte_blocks():
+    # Llama 3's vocabulary read at a class stride of 20000: int64 offsets, blocks for 8-byte values.
+    assert _tiling.tiling(128256, 4, 128255 * 20000) == dict(BLOCK=2048, WIDE=True, num_warps=8)
+    assert _tiling.tiling(128256, 4, 128255) == dict(BLOCK=4096, WIDE=False, num_warps=8)
+    assert _tiling.tiling(128256, 8, 128255) == dict(BLOCK=2048, WIDE=False, num_warps=8)
+
+
 def test_too_many_rows_for_the_grid_raise():
     _tiling.check_rows(2**31 - 1, "softmax")
     with pytest.raises(ValueError, match="split the batch"):
@@ -51,27 +58,24 @@ def test_too_many_rows_for_the_grid_raise():
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    # Blocks of 128 bytes (32 fp32 / 16 fp64 values): the rows below span several blocks.
-    if "triton" in BACKENDS:
-        monkeypatch.setattr(_tiling, "_BLOCK_BYTES", 128)
+    # Blocks of 16 values whatever their size: the rows below span several blocks, and the int64
+    # path (whose blocks are otherwise sized for 8-byte values) walks the same blocks.
+    def block_size(length: int, element_bytes: int) -> int:
+        return min(16, 1 << max(length - 1, 0).bit_length())
+
+    monkeypatch.setattr(_tiling, "block_size", block_size)
 
 
-def _force_wide(monkeypatch, module) -> None:
-    monkeypatch.setattr(module, "needs_int64", lambda span, block: True)
-
-
-def _run_both(monkeypatch, module, fn):
-    """fn() with the launcher's own offsets, then with int64 offsets forced."""
+def _assert_int64_offsets_match(monkeypatch, run):
+    """run() with the launcher's own offsets, then with int64 offsets forced: bitwise equal.
+    Returns the first results for further checks."""
     with ao.backend("triton"):
-        narrow = fn()
-        _force_wide(monkeypatch, module)
-        wide = fn()
-    return narrow, wide
-
-
-def _assert_identical(narrow, wide):
+        narrow = run()
+        monkeypatch.setattr(_tiling, "needs_int64", lambda span, block: True)
+        wide = run()
     for a, b in zip(narrow, wide, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    return narrow
 
 
 @pytest.mark.usefixtures("small_blocks")
@@ -86,8 +90,7 @@ def test_softmax_int64_offsets_match(monkeypatch, dtype, log):
         (dx,) = torch.autograd.grad(y, x, torch.linspace(-1, 1, y.numel()).reshape(y.shape).to(dtype))
         return y, dx
 
-    narrow, wide = _run_both(monkeypatch, softmax, run)
-    _assert_identical(narrow, wide)
+    narrow = _assert_int64_offsets_match(monkeypatch, run)
     expected = torch.log_softmax(x.double() / 0.7, 1) if log else torch.softmax(x.double() / 0.7, 1)
     assert_close(narrow[0], expected, dtype)
 
@@ -96,30 +99,29 @@ def test_softmax_int64_offsets_match(monkeypatch, dtype, log):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("soft", "smoothing", "softcap"), [(False, 0.0, 0.0), (False, 0.1, 5.0), (True, 0.1, 0.0)])
 def test_cross_entropy_int64_offsets_match(monkeypatch, dtype, soft, smoothing, softcap):
-    x = (torch.randn(4, 11, 3, dtype=torch.float64) * 4).to(dtype).requires_grad_()
+    x = (torch.randn(4, 45, 3, dtype=torch.float64) * 4).to(dtype).requires_grad_()
     if soft:
-        target = torch.softmax(torch.randn(4, 11, 3, dtype=torch.float64), 1).to(dtype)
+        target = torch.softmax(torch.randn(4, 45, 3, dtype=torch.float64), 1).to(dtype)
     else:
-        target = torch.randint(0, 11, (4, 3))
+        target = torch.randint(0, 45, (4, 3))
         target[0, 0] = -100
-    weight = torch.rand(11, dtype=dtype) + 0.5
+    weight = torch.rand(45, dtype=dtype) + 0.5
 
     def run():
         loss = ao.cross_entropy(x, target, weight, reduction="none", label_smoothing=smoothing, softcap=softcap or None)
         (dx,) = torch.autograd.grad(loss.sum(), x)
         return loss, dx
 
-    narrow, wide = _run_both(monkeypatch, cross_entropy, run)
-    _assert_identical(narrow, wide)
+    _assert_int64_offsets_match(monkeypatch, run)
 
 
 @pytest.mark.usefixtures("small_blocks")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cross_entropy_shard_int64_offsets_match(monkeypatch, dtype):
     ops = torch.ops.alchemy_ops
-    x = (torch.randn(5, 13, dtype=torch.float64) * 3).to(dtype)
-    target = torch.tensor([0, 20, 12, -100, 7])
-    weight = torch.rand(13, dtype=dtype) + 0.5
+    x = (torch.randn(5, 70, dtype=torch.float64) * 3).to(dtype)
+    target = torch.tensor([0, 90, 69, -100, 7])
+    weight = torch.rand(70, dtype=dtype) + 0.5
     lse = torch.logsumexp(x.double(), 1)
     coeffs = torch.rand(5, 3, dtype=torch.float64)
 
@@ -128,21 +130,19 @@ def test_cross_entropy_shard_int64_offsets_match(monkeypatch, dtype):
         dx = ops.triton_cross_entropy_shard_backward(x, target, weight, lse, coeffs, 3, -100, 5.0)
         return stats, dx
 
-    narrow, wide = _run_both(monkeypatch, cross_entropy_shard, run)
-    _assert_identical(narrow, wide)
+    _assert_int64_offsets_match(monkeypatch, run)
 
 
 @pytest.mark.usefixtures("small_blocks")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hard", [False, True])
 def test_gumbel_softmax_int64_loop_matches(monkeypatch, dtype, hard):
-    x = torch.randn(3, 9, 4, dtype=torch.float64).to(dtype)
+    x = torch.randn(3, 50, 4, dtype=torch.float64).to(dtype)
 
     def run():
         return (ao.gumbel_softmax(x, tau=0.5, hard=hard, dim=1, generator=torch.Generator().manual_seed(7)),)
 
-    narrow, wide = _run_both(monkeypatch, gumbel_softmax, run)
-    _assert_identical(narrow, wide)
+    _assert_int64_offsets_match(monkeypatch, run)
 
 
 @pytest.mark.usefixtures("small_blocks")
@@ -156,8 +156,7 @@ def test_topk_int64_offsets_match(monkeypatch, dtype, renormalize):
         (dx,) = torch.autograd.grad(w, x, torch.linspace(-1, 1, w.numel()).reshape(w.shape))
         return w, i, dx
 
-    narrow, wide = _run_both(monkeypatch, topk_softmax, run)
-    _assert_identical(narrow, wide)
+    _assert_int64_offsets_match(monkeypatch, run)
 
 
 @pytest.mark.parametrize("k", [64, 65, 150])

@@ -222,6 +222,7 @@ def sweep(launchers: dict, torch):
     topk_shapes = {"[4,3] k=2": ((4, 3), 2), "[8,64] k=8": ((8, 64), 8), "[4,50257] k=200": ((4, 50257), 200)}
     topk_shapes["[2,128256] k=2048"] = ((2, 128256), 2048)
     topk_shapes["[1,2^31] k=4 wide"] = ((1, 2**31), 4)
+    topk_shapes["[1,2^23] k=2^23"] = ((1, 2**23), 2**23)  # more tiles of k than grid y could take
     for (name, (shape, k)), dtype, renorm in itertools.product(topk_shapes.items(), dtypes, flags):
         x = _meta(shape, dtype)
         acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -367,7 +368,8 @@ def compile_one(index: int) -> dict:
         with contextlib.redirect_stdout(log):
             compiled = compile(source, target=target, options=options.__dict__)
     except Exception as e:  # a compile error is a result here, reported in the table
-        result["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        lines = [line for line in str(e).splitlines() if line.strip()]  # Triton's ends with the cause
+        result["error"] = f"{type(e).__name__}: {lines[0] if lines else ''} {lines[-1] if len(lines) > 1 else ''}"
         return result
     report = log.getvalue()
     props, regs = _PROPS.search(report), _REGS.search(report)

@@ -9,8 +9,9 @@ One program per row walks the row in blocks of BLOCK elements. The rules, shared
   warps, 1 to 8 (16 fp32 or 8 fp64 values per thread and block-wide tensor; a kernel holds a few
   such tensors at once, and 255 registers is the ceiling).
 - WIDE: the class loop counts in int64, so class offsets (cols * class stride) are int64, when the
-  largest one plus a block of overrun does not fit in int32. Row offsets are always int64
-  (``row`` is cast to int64 first).
+  largest one plus a block of overrun does not fit in int32. The offsets are then 8-byte values
+  per element, and BLOCK and num_warps are chosen for 8 bytes (fp32 CE at 4096 reached 255
+  registers with int64 strided offsets). Row offsets are always int64 (``row`` is cast first).
 - Rows go on grid x, whose limit is 2^31 - 1 programs.
 """
 
@@ -38,6 +39,17 @@ def num_warps(block: int, element_bytes: int) -> int:
 def needs_int64(largest_offset: int, block: int) -> bool:
     """True when ``largest_offset`` (e.g. (C - 1) * class stride) plus one block overruns int32."""
     return largest_offset + block >= 2**31
+
+
+def tiling(length: int, element_bytes: int, largest_offset: int) -> dict:
+    """BLOCK, WIDE and num_warps of a kernel walking rows of ``length`` values of ``element_bytes``
+    whose largest element offset is ``largest_offset`` (e.g. (C - 1) * class stride)."""
+    block = block_size(length, element_bytes)
+    wide = needs_int64(largest_offset, block)
+    if wide:  # int64 offsets take 8 bytes of registers per element
+        element_bytes = max(element_bytes, 8)
+        block = block_size(length, element_bytes)
+    return dict(BLOCK=block, WIDE=wide, num_warps=num_warps(block, element_bytes))
 
 
 def check_rows(rows: int, op: str) -> None:

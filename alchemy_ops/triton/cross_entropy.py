@@ -44,7 +44,7 @@ from triton.runtime.jit import JITFunction
 
 from ..reference import acc_dtype
 from ._layout import row_view
-from ._tiling import block_size, check_rows, class_loop_end, needs_int64, num_warps, row_base
+from ._tiling import check_rows, class_loop_end, row_base, tiling
 
 
 class CrossEntropyArgumentError(RuntimeError, ValueError):
@@ -441,16 +441,12 @@ class _Problem:
         the rules of _tiling.py for rows of ``classes`` in the accumulation dtype."""
         check_rows(self.rows, "cross_entropy")
         span = (self.classes - 1) * max(abs(s) for s in (self.xs[1], self.ts[1], *class_strides))
-        element_bytes = self.acc.itemsize
-        block = block_size(self.classes, element_bytes)
         return dict(
             SOFT=self.soft,
             HAS_WEIGHT=self.weight is not None,
             SOFTCAP=self.softcap > 0,
             LIBDEVICE=_LIBDEVICE,
-            BLOCK=block,
-            WIDE=needs_int64(span, block),
-            num_warps=num_warps(block, element_bytes),
+            **tiling(self.classes, self.acc.itemsize, span),
         )
 
     def weight_arg(self) -> torch.Tensor:

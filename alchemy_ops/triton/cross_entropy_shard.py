@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from ..reference import acc_dtype
-from ._tiling import block_size, check_rows, class_loop_end, needs_int64, num_warps
+from ._tiling import check_rows, class_loop_end, tiling
 from .cross_entropy import _LIBDEVICE, CrossEntropyTypeError, _check, _split_lse, _tanh
 
 _STATS = 6  # the ShardStat columns per position (cross_entropy_shard.h), in that order below
@@ -218,15 +218,11 @@ class _ShardProblem:
     def flags(self) -> dict:
         """The constexprs and launch options of both kernels (BLOCK, WIDE, num_warps: _tiling.py)."""
         check_rows(self.rows, "cross_entropy_shard")
-        element_bytes = self.acc.itemsize
-        block = block_size(self.classes, element_bytes)
         return dict(
             HAS_WEIGHT=self.weight is not None,
             SOFTCAP=self.softcap > 0,
             LIBDEVICE=_LIBDEVICE,
-            BLOCK=block,
-            WIDE=needs_int64(self.classes - 1, block),  # unit class stride
-            num_warps=num_warps(block, element_bytes),
+            **tiling(self.classes, self.acc.itemsize, self.classes - 1),  # unit class stride
         )
 
 

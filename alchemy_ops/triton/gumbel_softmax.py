@@ -20,7 +20,7 @@ import triton.language as tl
 
 from .. import _checks
 from ..reference import acc_dtype
-from ._tiling import block_size, check_rows, class_loop_end, needs_int64, num_warps
+from ._tiling import check_rows, class_loop_end, tiling
 
 # constexpr: a @jit function may only read globals that are constexpr (plain floats compile
 # under the interpreter only).
@@ -105,11 +105,9 @@ def _gumbel_softmax_forward(
         check_rows(rows, "gumbel_softmax")
         acc = acc_dtype(x.dtype)
         inv_t = torch.full((1,), 1.0 / tau, dtype=acc, device=x.device)
-        block = block_size(classes, acc.itemsize)
         _gumbel_softmax_kernel[(rows,)](
             x, y, soft if keep else y, seed, offset, inv_t, classes, inner,
-            HARD=hard, KEEP_SOFT=keep, BLOCK=block, WIDE=needs_int64(classes - 1, block),
-            num_warps=num_warps(block, acc.itemsize),
+            HARD=hard, KEEP_SOFT=keep, **tiling(classes, acc.itemsize, classes - 1),
         )  # fmt: skip
     return y, soft
 

@@ -22,7 +22,7 @@ from .. import _checks
 from ..reference import acc_dtype
 from ..softmax import cast_before_kernel
 from ._layout import run_rows
-from ._tiling import block_size, check_rows, class_loop_end, needs_int64, num_warps, row_base
+from ._tiling import check_rows, class_loop_end, row_base, tiling
 
 
 @triton.jit
@@ -89,10 +89,7 @@ def _softmax_backward_kernel(
 
 def _launch_options(classes: int, dtype: torch.dtype, strides: list[tuple[int, int, int]]) -> dict:
     """BLOCK, WIDE and num_warps of a row kernel (see _tiling) for rows of ``classes`` in ``dtype``."""
-    element_bytes = acc_dtype(dtype).itemsize
-    block = block_size(classes, element_bytes)
-    span = (classes - 1) * max(abs(s[1]) for s in strides)
-    return dict(BLOCK=block, WIDE=needs_int64(span, block), num_warps=num_warps(block, element_bytes))
+    return tiling(classes, acc_dtype(dtype).itemsize, (classes - 1) * max(abs(s[1]) for s in strides))
 
 
 def _inv_temperature(temperature: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

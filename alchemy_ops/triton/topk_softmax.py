@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ..reference import acc_dtype
-from ._tiling import block_size, check_rows, class_loop_end, needs_int64, num_warps
+from ._tiling import check_rows, class_loop_end, num_warps, tiling
 from .softmax import _inv_temperature
 
 _KEY_BYTES = 8  # the selection keeps an int64 key per logit, whatever the dtype
@@ -229,11 +229,10 @@ def _topk_softmax_forward(
     check_rows(rows, "topk_softmax")
     selected = x.new_empty((rows, k), dtype=torch.int64)
     row_max = x.new_empty((rows,), dtype=acc)
-    block = block_size(classes, _KEY_BYTES)
     _topk_select_kernel[(rows,)](
         x, selected, row_max, lse, inv_t, classes, k,
         RENORM=renormalize, IS64=is64, HIGH_BIT=62 if is64 else 30, NEG_BASE=-(2**63) if is64 else -(2**31),
-        BLOCK=block, WIDE=needs_int64(classes - 1, block), num_warps=num_warps(block, _KEY_BYTES),
+        **tiling(classes, _KEY_BYTES, classes - 1),
     )  # fmt: skip
     tile = min(_MAX_TILE, triton.next_power_of_2(k))  # a TILE x TILE comparison of int64 keys
     _topk_rank_kernel[(rows,)](
@@ -267,11 +266,10 @@ def _topk_softmax_backward(
     inv_t = _inv_temperature(temperature, x.dtype, x.device)
     check_rows(rows, "topk_softmax backward")
     element_bytes = acc.itemsize
-    block = block_size(classes, element_bytes)
     kblock = min(_MAX_KBLOCK, triton.next_power_of_2(k))
     _topk_grad_dense_kernel[(rows,)](
-        g, w, idx, lse, x, dx, inv_t, classes, k, RENORM=renormalize, BLOCK=block, KBLOCK=kblock,
-        WIDE=needs_int64(classes - 1, block), num_warps=num_warps(block, element_bytes),
+        g, w, idx, lse, x, dx, inv_t, classes, k, RENORM=renormalize, KBLOCK=kblock,
+        **tiling(classes, element_bytes, classes - 1),
     )  # fmt: skip
     _topk_grad_selected_kernel[(rows,)](
         g, w, idx, dx, inv_t, classes, k, KBLOCK=kblock, num_warps=num_warps(kblock, element_bytes)
