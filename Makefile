@@ -43,6 +43,8 @@ lint: $(VENV)/.ready
 
 # Builds every .cu for sm_80 and sm_90 against the CUDA build of torch, fails on register
 # spills or stack frames, prints the register table, and checks every op has a CUDA kernel.
+# Then compiles every Triton kernel for sm_80 and sm_90 at the launchers' specializations
+# (tools/triton_check.py, also runnable alone in .venv-cuda) and fails on errors or spills.
 $(CUDA_VENV)/.ready: requirements/cuda-check.txt
 	test -x $(CUDA_PY) || $(PYTHON) -m venv $(CUDA_VENV)
 	$(CUDA_PY) -m pip install --quiet --upgrade pip

@@ -5,6 +5,8 @@
 2. Parses ptxas' report: prints registers / spills / stack per kernel and arch, and
    fails on any spill store, spill load or stack frame.
 3. Imports that build and checks every operator in the schema has a CUDA kernel.
+4. Runs tools/triton_check.py: every Triton kernel compiled for sm_80 and sm_90 at the
+   launchers' real specializations, its own table, failing on compile errors and spills.
 """
 
 from __future__ import annotations
@@ -113,10 +115,14 @@ def main() -> None:
     print(f"cuda-check: {len(rows)} kernel builds checked")
     print("cuda-check: operator registrations of the CUDA build:")
     status = check_registrations()
+    print("cuda-check: the Triton kernels, compiled ahead of time:", flush=True)
+    triton_status = subprocess.run([sys.executable, str(ROOT / "tools" / "triton_check.py")], cwd=ROOT).returncode
     if bad:
         sys.exit(f"cuda-check: {len(bad)} kernel builds spill registers or use a stack frame (see table)")
     if status != 0:
         sys.exit("cuda-check: some operators have no CUDA kernel (see list)")
+    if triton_status != 0:
+        sys.exit("cuda-check: the Triton check failed (see its table)")
     print("cuda-check: ok")
 
 

@@ -4,7 +4,7 @@ Same math as ``csrc/include/alchemy/cross_entropy.h`` and same host logic as
 ``cross_entropy_host.h``: the logits are read in place as rows of C classes at the class
 stride, one row per position r = o * inner + i at ``o * outer_stride + i * inner_stride``
 (class dim 1 of [N, C, d...], or the single row of a 1-d [C] input). One program per row;
-rows longer than BLOCK are looped over.
+rows longer than BLOCK are looped over (BLOCK, num_warps and int64 offsets: see _tiling.py).
 
 - forward: one online pass for the row statistics max and log_sum = log(sum exp(z - max))
   (shifting by 0 while the running max is -inf; both NaN when the row max is NaN or +-inf;
@@ -44,12 +44,7 @@ from triton.runtime.jit import JITFunction
 
 from ..reference import acc_dtype
 from ._layout import row_view
-
-_MAX_BLOCK = 4096
-
-
-def _block(classes: int) -> int:
-    return min(_MAX_BLOCK, triton.next_power_of_2(max(classes, 1)))
+from ._tiling import check_rows, class_loop_end, row_base, tiling
 
 
 class CrossEntropyArgumentError(RuntimeError, ValueError):
@@ -69,22 +64,6 @@ def _check(cond: bool, message: str, error: type[Exception] = CrossEntropyArgume
 # ----------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _row_base(ptr, row, inner, outer_stride, inner_stride):
-    return ptr + (row // inner) * outer_stride + (row % inner) * inner_stride
-
-
-@triton.jit
-def _cols(start, BLOCK: tl.constexpr, WIDE: tl.constexpr):
-    # Class offsets of one block. The strides stay plain arguments (a stride of 1 is
-    # specialized, so unit-stride rows vectorize); WIDE makes the offsets int64 when
-    # (C - 1) * class stride does not fit in int32.
-    cols = start + tl.arange(0, BLOCK)
-    if WIDE:
-        cols = cols.to(tl.int64)
-    return cols
 
 
 @triton.jit
@@ -142,8 +121,8 @@ def _grad_pass(
     from the same loads: sum_c w_c t'_c (z_c - row_max) for probabilities, sum_c w_c
     (z_c - row_max) for class indices (0 otherwise)."""
     shifted = tl.zeros((), hi.dtype)
-    for start in range(0, classes, BLOCK):
-        cols = _cols(start, BLOCK, WIDE)
+    for start in range(0, class_loop_end(classes, WIDE), BLOCK):
+        cols = start + tl.arange(0, BLOCK)
         mask = cols < classes
         # Ignored and bad rows: d does not depend on x, which is not read (a limit of 0 classes).
         x = tl.load(x_row + cols * xs_cls, mask=cols < tl.where(bad == 0, classes, 0), other=0.0).to(hi.dtype)
@@ -186,8 +165,8 @@ def _ce_forward_kernel(
     INPLACE: tl.constexpr, LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
-    x_row = _row_base(x_ptr, row, inner, xs_outer, xs_inner)
-    t_row = _row_base(t_ptr, row, inner, ts_outer, ts_inner)
+    x_row = row_base(x_ptr, row, inner, xs_outer, xs_inner)
+    t_row = row_base(t_ptr, row, inner, ts_outer, ts_inner)
     eps = tl.load(par_ptr)  # fp32, or fp64 for fp64 rows: the accumulation dtype
     z_loss = tl.load(par_ptr + 1)
     softcap = tl.load(par_ptr + 2)
@@ -206,8 +185,8 @@ def _ce_forward_kernel(
     row_ties = tl.zeros((), eps.dtype)
     mass = tl.zeros((), eps.dtype)  # T (probabilities)
     z_y = tl.zeros((), eps.dtype)  # the target logit, gathered in this pass when in place
-    for start in range(0, classes, BLOCK):
-        cols = _cols(start, BLOCK, WIDE)
+    for start in range(0, class_loop_end(classes, WIDE), BLOCK):
+        cols = start + tl.arange(0, BLOCK)
         mask = cols < classes
         x_mask = mask
         if not SOFT:
@@ -286,8 +265,8 @@ def _ce_forward_kernel(
             SOFT, HAS_WEIGHT, SOFTCAP, SOFT or SMOOTH, LIBDEVICE, BLOCK, WIDE,
         )  # fmt: skip
     elif SOFT or SMOOTH:
-        for start in range(0, classes, BLOCK):
-            cols = _cols(start, BLOCK, WIDE)
+        for start in range(0, class_loop_end(classes, WIDE), BLOCK):
+            cols = start + tl.arange(0, BLOCK)
             mask = cols < classes
             x_mask = mask
             if not SOFT:
@@ -328,9 +307,9 @@ def _ce_backward_kernel(
     LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
-    x_row = _row_base(x_ptr, row, inner, xs_outer, xs_inner)
-    t_row = _row_base(t_ptr, row, inner, ts_outer, ts_inner)
-    dx_row = _row_base(dx_ptr, row, inner, dxs_outer, dxs_inner)
+    x_row = row_base(x_ptr, row, inner, xs_outer, xs_inner)
+    t_row = row_base(t_ptr, row, inner, ts_outer, ts_inner)
+    dx_row = row_base(dx_ptr, row, inner, dxs_outer, dxs_inner)
     eps = tl.load(par_ptr)
     z_loss = tl.load(par_ptr + 1)
     softcap = tl.load(par_ptr + 2)
@@ -344,8 +323,8 @@ def _ce_backward_kernel(
     bad = tl.zeros((), eps.dtype)
     if SOFT:
         mass = tl.zeros((), eps.dtype)
-        for start in range(0, classes, BLOCK):
-            cols = _cols(start, BLOCK, WIDE)
+        for start in range(0, class_loop_end(classes, WIDE), BLOCK):
+            cols = start + tl.arange(0, BLOCK)
             mask = cols < classes
             t = tl.load(t_row + cols * ts_cls, mask=mask, other=0.0).to(eps.dtype)
             if HAS_WEIGHT:
@@ -458,14 +437,16 @@ class _Problem:
         return self.outer * self.inner
 
     def flags(self, *class_strides: int) -> dict:
+        """The constexprs and launch options shared by the kernels; BLOCK, WIDE and num_warps by
+        the rules of _tiling.py for rows of ``classes`` in the accumulation dtype."""
+        check_rows(self.rows, "cross_entropy")
         span = (self.classes - 1) * max(abs(s) for s in (self.xs[1], self.ts[1], *class_strides))
         return dict(
             SOFT=self.soft,
             HAS_WEIGHT=self.weight is not None,
             SOFTCAP=self.softcap > 0,
             LIBDEVICE=_LIBDEVICE,
-            BLOCK=_block(self.classes),
-            WIDE=span + _block(self.classes) >= 2**31,
+            **tiling(self.classes, self.acc.itemsize, span),
         )
 
     def weight_arg(self) -> torch.Tensor:

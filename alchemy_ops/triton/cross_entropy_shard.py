@@ -28,15 +28,8 @@ import triton
 import triton.language as tl
 
 from ..reference import acc_dtype
-from .cross_entropy import (
-    _LIBDEVICE,
-    CrossEntropyTypeError,
-    _block,
-    _check,
-    _cols,
-    _split_lse,
-    _tanh,
-)
+from ._tiling import check_rows, class_loop_end, tiling
+from .cross_entropy import _LIBDEVICE, CrossEntropyTypeError, _check, _split_lse, _tanh
 
 _STATS = 6  # the ShardStat columns per position (cross_entropy_shard.h), in that order below
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -93,8 +86,8 @@ def _shard_stats_kernel(
     row_max = tl.full((), float("-inf"), softcap.dtype)
     row_sum = tl.zeros((), softcap.dtype)
     nans = tl.zeros((), tl.int32)  # NaN logits: the max is NaN, as the CPU and CUDA kernels' nan_max
-    for start in range(0, classes, BLOCK):
-        cols = _cols(start, BLOCK, WIDE)
+    for start in range(0, class_loop_end(classes, WIDE), BLOCK):
+        cols = start + tl.arange(0, BLOCK)
         live = cols < limit
         x = tl.load(x_row + cols, mask=live, other=float("-inf")).to(softcap.dtype)
         z = tl.where(live, _capped(x, softcap, SOFTCAP, LIBDEVICE), float("-inf"))  # tanh(-inf) is -1
@@ -121,8 +114,8 @@ def _shard_stats_kernel(
         # sum_c w_c (z_c - m) with the final max, m = 0 for a shard of -inf logits (the sum is
         # then -inf, NaN with a zero weight, as PyTorch's smoothing term).
         m = tl.where(row_max == float("-inf"), 0.0, row_max)
-        for start in range(0, classes, BLOCK):
-            cols = _cols(start, BLOCK, WIDE)
+        for start in range(0, class_loop_end(classes, WIDE), BLOCK):
+            cols = start + tl.arange(0, BLOCK)
             mask = cols < classes
             x = tl.load(x_row + cols, mask=cols < limit, other=0.0).to(softcap.dtype)
             z = _capped(x, softcap, SOFTCAP, LIBDEVICE)
@@ -154,8 +147,8 @@ def _shard_backward_kernel(
     k_prob = tl.load(k_ptr + 3 * row)
     k_weight = tl.load(k_ptr + 3 * row + 1)
     k_target = tl.load(k_ptr + 3 * row + 2)
-    for start in range(0, classes, BLOCK):
-        cols = _cols(start, BLOCK, WIDE)
+    for start in range(0, class_loop_end(classes, WIDE), BLOCK):
+        cols = start + tl.arange(0, BLOCK)
         mask = cols < classes
         x = tl.load(x_row + cols, mask=cols < limit, other=0.0).to(softcap.dtype)
         if SOFTCAP:
@@ -223,13 +216,13 @@ class _ShardProblem:
         return self.classes, self.row_stride, self.class_start, self.ignore_index
 
     def flags(self) -> dict:
-        block = _block(self.classes)
+        """The constexprs and launch options of both kernels (BLOCK, WIDE, num_warps: _tiling.py)."""
+        check_rows(self.rows, "cross_entropy_shard")
         return dict(
             HAS_WEIGHT=self.weight is not None,
             SOFTCAP=self.softcap > 0,
             LIBDEVICE=_LIBDEVICE,
-            BLOCK=block,
-            WIDE=self.classes + block >= 2**31,  # class offsets as int64
+            **tiling(self.classes, self.acc.itemsize, self.classes - 1),  # unit class stride
         )
 
 

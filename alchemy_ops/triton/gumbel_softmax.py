@@ -4,9 +4,10 @@ Same stream as ``csrc/include/alchemy/philox.h`` by construction: the uniform of
 ``tl.rand(seed, offset + k)`` itself (k the logical row-major index, int64), clamped into
 [2^-32, 1 - 2^-24], and the noise is ``-log(-log(u))`` in fp32. One program per row of the contiguous
 logits viewed as [outer, classes, inner] (row (o, i) starts at ``o * classes * inner + i``, its classes
-are ``inner`` apart): a first pass over blocks of <= 4096 classes keeps the online max / sum of
+are ``inner`` apart): a first pass over blocks of classes keeps the online max / sum of
 ``exp((z - max) / tau)`` of z = x + g and the first index of the max; a second pass recomputes the
-noise and writes the outputs. Registered as an opaque kernel of the C++ schema (see softmax.py).
+noise and writes the outputs. BLOCK and num_warps by the rule of _tiling.py. Registered as an opaque
+kernel of the C++ schema (see softmax.py).
 """
 
 from __future__ import annotations
@@ -19,14 +20,12 @@ import triton.language as tl
 
 from .. import _checks
 from ..reference import acc_dtype
+from ._tiling import check_rows, class_loop_end, tiling
 
-_MAX_BLOCK = 4096
-_UNIFORM_MIN = 2.3283064365386963e-10  # 2^-32
-_UNIFORM_MAX = 0.99999994039535522  # 1 - 2^-24
-
-
-def _block(classes: int) -> int:
-    return min(_MAX_BLOCK, triton.next_power_of_2(max(classes, 1)))
+# constexpr: a @jit function may only read globals that are constexpr (plain floats compile
+# under the interpreter only).
+_UNIFORM_MIN = tl.constexpr(2.3283064365386963e-10)  # 2^-32
+_UNIFORM_MAX = tl.constexpr(0.99999994039535522)  # 1 - 2^-24
 
 
 @triton.jit
@@ -39,7 +38,7 @@ def _gumbel(seed, counters):
 @triton.jit
 def _gumbel_softmax_kernel(
     x_ptr, y_ptr, soft_ptr, seed_ptr, offset, inv_t_ptr, classes, inner,
-    HARD: tl.constexpr, KEEP_SOFT: tl.constexpr, BLOCK: tl.constexpr,
+    HARD: tl.constexpr, KEEP_SOFT: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     start = (row // inner) * classes * inner + row % inner
@@ -49,7 +48,8 @@ def _gumbel_softmax_kernel(
     row_sum = tl.zeros((), inv_t.dtype)
     arg = tl.zeros((), tl.int64)
     nans = tl.zeros((), tl.int32)
-    for block in range(0, classes, BLOCK):
+    end = class_loop_end(classes, WIDE)  # the class indices are int64 anyway (Philox counters)
+    for block in range(0, end, BLOCK):
         cols = block + tl.arange(0, BLOCK).to(tl.int64)
         mask = cols < classes
         at = start + cols * inner
@@ -67,7 +67,7 @@ def _gumbel_softmax_kernel(
     # A NaN or +inf logit, or every logit -inf: the whole row is NaN, as PyTorch's formula gives.
     bad = (nans > 0) | (row_max == float("-inf")) | (row_max == float("inf"))
     nan = float("nan")
-    for block in range(0, classes, BLOCK):
+    for block in range(0, end, BLOCK):
         cols = block + tl.arange(0, BLOCK).to(tl.int64)
         mask = cols < classes
         at = start + cols * inner
@@ -102,10 +102,12 @@ def _gumbel_softmax_forward(
         classes = x.shape[dim]
         inner = math.prod(x.shape[dim + 1 :])
         rows = x.numel() // classes
-        inv_t = torch.full((1,), 1.0 / tau, dtype=acc_dtype(x.dtype), device=x.device)
+        check_rows(rows, "gumbel_softmax")
+        acc = acc_dtype(x.dtype)
+        inv_t = torch.full((1,), 1.0 / tau, dtype=acc, device=x.device)
         _gumbel_softmax_kernel[(rows,)](
             x, y, soft if keep else y, seed, offset, inv_t, classes, inner,
-            HARD=hard, KEEP_SOFT=keep, BLOCK=_block(classes),
+            HARD=hard, KEEP_SOFT=keep, **tiling(classes, acc.itemsize, classes - 1),
         )  # fmt: skip
     return y, soft
 
@@ -122,5 +124,6 @@ def _philox_uniform(seed: torch.Tensor, offset: int, numel: int) -> torch.Tensor
         raise ValueError("alchemy_ops: seed must be a one-element int64 tensor; offset and numel >= 0")
     u = torch.empty(numel, dtype=torch.float32, device=seed.device)
     if numel > 0:
+        check_rows(triton.cdiv(numel, 1024), "philox_uniform")
         _philox_uniform_kernel[(triton.cdiv(numel, 1024),)](u, seed, offset, numel, BLOCK=1024)
     return u
