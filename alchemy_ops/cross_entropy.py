@@ -201,16 +201,19 @@ class _CrossEntropyInplaceBackward(torch.autograd.Function):
 _REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}  # at::Reduction, as the cross_entropy_loss op takes it
 
 
-def _fast_loss_op(input: torch.Tensor):
-    """The cpp loss operator when it is what ``resolve`` would pick for ``input``, else None.
+def _fast_loss_op(input: torch.Tensor, target: object, weight: torch.Tensor | None):
+    """The cpp loss operator when it is what ``resolve`` would pick for ``input`` and every tensor is
+    on the input's device type (else a meta target would dispatch to the fake kernel), else None.
 
     The common call (no extras, no autocast, eager) goes straight to it: the operator checks every
     argument itself, and whatever it rejects is retried on the checked path, which gives PyTorch's
     casts and this module's messages. That keeps a small loss as cheap as PyTorch's own.
     """
     name = _backend.current_backend()
-    if name == "auto" or name == "cpp":
-        if input.is_cpu or (input.is_cuda and WITH_CUDA):
+    if (name == "auto" or name == "cpp") and isinstance(target, torch.Tensor):
+        if input.is_cpu and target.is_cpu and (weight is None or weight.is_cpu):
+            return _CPP_LOSS
+        if WITH_CUDA and input.is_cuda and target.is_cuda and (weight is None or weight.is_cuda):
             return _CPP_LOSS
     return None
 
@@ -300,7 +303,7 @@ def cross_entropy(
         and not torch._C._is_any_autocast_enabled()
         and not torch.compiler.is_compiling()
     ):
-        op = _fast_loss_op(input)
+        op = _fast_loss_op(input, target, weight)
         if op is not None:
             try:
                 loss = op(input, target, weight, _REDUCTION_ENUM[reduction], ignore_index, label_smoothing, z_loss, 0.0,

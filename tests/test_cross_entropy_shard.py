@@ -131,7 +131,8 @@ def test_shards_compose_to_cross_entropy(backend, device):
         ]
     )
     shard = _Shard(None, 3, 0, sum(sizes), -100, eps, 0.0, 0.0, backend)
-    loss, lse, w_y, weight_sum = _combine(stats, target, shard)
+    loss, z_term, lse, w_y, weight_sum = _combine(stats, target, shard)
+    assert (z_term == 0).all()  # z_loss=0: the separate z term (its own mean) is exactly zero
     x64 = x.double().requires_grad_()
     expected = torch.nn.functional.cross_entropy(
         x64, target, weight.double(), ignore_index=-100, reduction="none", label_smoothing=eps
