@@ -15,11 +15,10 @@ from torch.nn import _reduction
 
 from . import _backend, _checks, reference
 from ._backend import resolve
-from ._extension import WITH_CUDA
+from ._extension import _C, WITH_CUDA
 from ._ops import ops
 
 REDUCTIONS = ("none", "mean", "sum")
-_CPP_LOSS = ops.cross_entropy_loss.default
 _NUMBERS = (float, int)
 
 
@@ -201,21 +200,24 @@ class _CrossEntropyInplaceBackward(torch.autograd.Function):
 _REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}  # at::Reduction, as the cross_entropy_loss op takes it
 
 
-def _fast_loss_op(input: torch.Tensor, target: object, weight: torch.Tensor | None):
-    """The cpp loss operator when it is what ``resolve`` would pick for ``input`` and every tensor is
-    on the input's device type (else a meta target would dispatch to the fake kernel), else None.
+def _direct_call_fits(input: torch.Tensor, target: object, weight: torch.Tensor | None) -> bool:
+    """Whether the cpp loss operator is what ``resolve`` would pick for ``input``, every tensor is a
+    plain torch.Tensor (subclasses and torch-function modes need torch.ops' handling) and on the
+    input's device type (else a meta target would dispatch to the fake kernel).
 
-    The common call (no extras, no autocast, eager) goes straight to it: the operator checks every
-    argument itself, and whatever it rejects is retried on the checked path, which gives PyTorch's
-    casts and this module's messages. That keeps a small loss as cheap as PyTorch's own.
+    The common call (no extras, no autocast, eager) then goes straight to ``_C.cross_entropy_loss``:
+    the operator checks every argument itself, and whatever it rejects is retried on the checked
+    path, which gives PyTorch's casts and this module's messages. That keeps a small loss as cheap
+    as PyTorch's own.
     """
     name = _backend.current_backend()
-    if (name == "auto" or name == "cpp") and isinstance(target, torch.Tensor):
-        if input.is_cpu and target.is_cpu and (weight is None or weight.is_cpu):
-            return _CPP_LOSS
-        if WITH_CUDA and input.is_cuda and target.is_cuda and (weight is None or weight.is_cuda):
-            return _CPP_LOSS
-    return None
+    if (name != "auto" and name != "cpp") or type(input) is not torch.Tensor or type(target) is not torch.Tensor:
+        return False
+    if (weight is not None and type(weight) is not torch.Tensor) or torch._C._is_torch_function_mode_enabled():
+        return False
+    if input.is_cpu:
+        return target.is_cpu and (weight is None or weight.is_cpu)
+    return WITH_CUDA and input.is_cuda and target.is_cuda and (weight is None or weight.is_cuda)
 
 
 def _extra_outputs(loss, lse, correct, target, ignore_index, classes, reduction, z_loss, want_z, want_lse):
@@ -303,11 +305,10 @@ def cross_entropy(
         and not torch._C._is_any_autocast_enabled()
         and not torch.compiler.is_compiling()
     ):
-        op = _fast_loss_op(input, target, weight)
-        if op is not None:
+        if _direct_call_fits(input, target, weight):
             try:
-                loss = op(input, target, weight, _REDUCTION_ENUM[reduction], ignore_index, label_smoothing, z_loss, 0.0,
-                          check_target)[0]  # fmt: skip
+                loss = _C.cross_entropy_loss(input, target, weight, _REDUCTION_ENUM[reduction], ignore_index,
+                                             label_smoothing, z_loss, check_target)  # fmt: skip
                 return loss if loss.dtype is input.dtype else loss.to(input.dtype)
             except (RuntimeError, TypeError, ValueError, IndexError):
                 pass  # the checked path below casts what it can and raises what it must, with its message

@@ -77,7 +77,7 @@ def _loss_only(model, criterion, x, y):
 def training_cases(preset: str, device: str) -> list[TrainingCase]:
     cases = [_digits_mlp(device)]
     if preset != "tiny":
-        cases.append(_lm_head(device, 2048, 512, 32000))
+        cases.append(_lm_head(device, 1024, 512, 32000))
     return cases
 
 

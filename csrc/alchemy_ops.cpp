@@ -83,8 +83,17 @@ TORCH_LIBRARY(alchemy_ops, m) {
 #define ALCHEMY_CPU_CAPABILITY "DEFAULT"
 #endif
 
+namespace alchemy {
+PyObject* cross_entropy_loss_call(PyObject* module, PyObject* const* args, Py_ssize_t nargs);  // autograd/
+}
+
+static PyMethodDef alchemy_methods[] = {
+    {"cross_entropy_loss", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&alchemy::cross_entropy_loss_call)),
+     METH_FASTCALL, "the loss of alchemy_ops::cross_entropy_loss; the common ao.cross_entropy call"},
+    {nullptr, nullptr, 0, nullptr}};
+
 // `import alchemy_ops._C` loads the operators above; the module also records how it was built.
-static PyModuleDef alchemy_module = {PyModuleDef_HEAD_INIT, "_C", "alchemy_ops compiled kernels", -1, nullptr};
+static PyModuleDef alchemy_module = {PyModuleDef_HEAD_INIT, "_C", "alchemy_ops compiled kernels", -1, alchemy_methods};
 
 PyMODINIT_FUNC PyInit__C() {
   PyObject* module = PyModule_Create(&alchemy_module);

@@ -14,6 +14,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import alchemy_ops as ao  # noqa: E402
+from alchemy_ops._backend import current_backend  # noqa: E402
 
 
 def _poison_cpu_allocations() -> None:
@@ -43,6 +44,22 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     """Compares in float64; ``scale`` widens atol for values whose magnitude is ~scale."""
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(actual.double(), expected.double(), atol=atol * scale, rtol=rtol, equal_nan=True)
+
+
+def triton_interpreted() -> bool:
+    """Whether the current backend is Triton run by its CPU interpreter (milliseconds per launch)."""
+    return current_backend() == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def gradcheck(fn, inputs: tuple) -> bool:
+    """torch.autograd.gradcheck; under Triton's interpreter in fast mode (v^T J u against the
+    numerical one for random u, v: a few launches instead of two per input element)."""
+    return torch.autograd.gradcheck(fn, inputs, fast_mode=triton_interpreted())
+
+
+def gradgradcheck(fn, inputs: tuple) -> bool:
+    """torch.autograd.gradgradcheck, in fast mode under Triton's interpreter (see gradcheck)."""
+    return torch.autograd.gradgradcheck(fn, inputs, fast_mode=triton_interpreted())
 
 
 def to_device(obj, device: str):

@@ -249,3 +249,61 @@ def test_bad_target_message_in_pytorchs_words(backend):
 def test_language_model_logits_get_a_hint():
     with pytest.raises(ValueError, match=r"reshape\(-1, V\)"):
         ao.cross_entropy(torch.randn(2, 5, 30), torch.randint(0, 30, (2, 5)))
+
+
+def test_direct_call_matches_the_operator_and_rejects_bad_arguments():
+    g = torch.Generator().manual_seed(4)
+    x, t = torch.randn(7, 11, generator=g), torch.randint(0, 11, (7,), generator=g)
+    w = torch.rand(11, generator=g) + 0.5
+    for args in [(x, t, None, 1, -100, 0.0, 0.0, True), (x, t, w, 2, 3, 0.1, 1e-3, False)]:
+        direct = ao._C.cross_entropy_loss(*args)
+        via_ops = OPS.cross_entropy_loss(*args[:7], 0.0, args[7])[0]
+        assert torch.equal(direct, via_ops)
+    with pytest.raises(TypeError, match="expected"):
+        ao._C.cross_entropy_loss(x, t, None, 1, -100, 0.0, 0.0)
+    with pytest.raises(TypeError, match="expected"):
+        ao._C.cross_entropy_loss(x, [0] * 7, None, 1, -100, 0.0, 0.0, True)
+    with pytest.raises(ValueError, match="reduction"):
+        ao._C.cross_entropy_loss(x, t, None, 3, -100, 0.0, 0.0, True)
+    with pytest.raises(IndexError, match="Target 11 is out of bounds"):
+        ao._C.cross_entropy_loss(x, torch.full((7,), 11), None, 1, -100, 0.0, 0.0, True)
+
+
+class _Recorded(torch.Tensor):
+    """A tensor subclass that records the functions called on it."""
+
+    calls: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.calls.append(func)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+class _RecordingMode(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+def _saw_loss_op(calls) -> bool:
+    return any("alchemy_ops.cross_entropy_loss" in str(f) for f in calls)
+
+
+def test_subclasses_and_torch_function_modes_see_the_loss_operator():
+    """The direct call skips torch.ops' __torch_function__ handling, so it must not take these."""
+    g = torch.Generator().manual_seed(5)
+    x, t = torch.randn(7, 11, generator=g), torch.randint(0, 11, (7,), generator=g)
+    expected = F.cross_entropy(x.double(), t).float()
+    _Recorded.calls = []
+    loss = ao.cross_entropy(x.as_subclass(_Recorded), t)
+    assert _saw_loss_op(_Recorded.calls)
+    torch.testing.assert_close(loss.as_subclass(torch.Tensor), expected)
+    with _RecordingMode() as mode:
+        loss = ao.cross_entropy(x, t)
+    assert _saw_loss_op(mode.calls)
+    torch.testing.assert_close(loss, expected)

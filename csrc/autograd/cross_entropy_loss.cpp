@@ -229,45 +229,49 @@ at::Tensor prob_target_grad(const at::Tensor& input, const at::Tensor& weight, c
 }
 
 template <bool kTriton>
+const c10::TypedOperatorHandle<decltype(cross_entropy_loss<kTriton>)>& loss_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow(kTriton ? "alchemy_ops::triton_cross_entropy_loss" : "alchemy_ops::cross_entropy_loss", "")
+          .typed<decltype(cross_entropy_loss<kTriton>)>();
+  return op;
+}
+
+template <bool kTriton>
 struct CrossEntropyLossFunction : public torch::autograd::Function<CrossEntropyLossFunction<kTriton>> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& target,
                                const std::optional<at::Tensor>& weight, int64_t reduction, int64_t ignore_index,
                                double label_smoothing, double z_loss, double softcap, bool check_target) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow(kTriton ? "alchemy_ops::triton_cross_entropy_loss"
-                                                          : "alchemy_ops::cross_entropy_loss",
-                                                  "")
-                               .typed<decltype(cross_entropy_loss<kTriton>)>();
-    auto [loss, lse, denominators] = op.call(input, target, weight, reduction, ignore_index, label_smoothing, z_loss,
-                                             softcap, check_target);
+    auto [loss, lse, denominators] = loss_op<kTriton>().call(input, target, weight, reduction, ignore_index,
+                                                             label_smoothing, z_loss, softcap, check_target);
     ctx->save_for_backward({input, target, weight.value_or(at::Tensor()), lse, denominators});
-    ctx->saved_data["reduction"] = reduction;
-    ctx->saved_data["ignore_index"] = ignore_index;
-    ctx->saved_data["label_smoothing"] = label_smoothing;
-    ctx->saved_data["z_loss"] = z_loss;
-    ctx->saved_data["softcap"] = softcap;
+    // One saved_data entry, not five: each is a string-keyed hash insert, a measurable share of
+    // a small loss's per-call cost.
+    ctx->saved_data["options"] = std::make_tuple(reduction, ignore_index, label_smoothing, z_loss, softcap);
     ctx->mark_non_differentiable({lse, denominators});
+    ctx->set_materialize_grads(false);  // lse and denominators never get a gradient: no zeros for them
     return {loss, lse, denominators};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(9);
+    if (!grads[0].defined()) return out;  // the loss was not used
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &input = saved[0], &target = saved[1], &weight = saved[2], &lse = saved[3],
                      &denominators = saved[4];
-    const int64_t reduction = ctx->saved_data["reduction"].toInt();
-    const double label_smoothing = ctx->saved_data["label_smoothing"].toDouble();
-    const double softcap = ctx->saved_data["softcap"].toDouble();
+    const auto options = ctx->saved_data["options"].toTuple();
+    const int64_t reduction = options->elements()[0].toInt(), ignore_index = options->elements()[1].toInt();
+    const double label_smoothing = options->elements()[2].toDouble(), z_loss = options->elements()[3].toDouble(),
+                 softcap = options->elements()[4].toDouble();
     static const auto backward_op = c10::Dispatcher::singleton()
                                         .findSchemaOrThrow(kTriton ? "alchemy_ops::triton_cross_entropy_loss_backward"
                                                                    : "alchemy_ops::cross_entropy_loss_backward",
                                                            "")
                                         .typed<decltype(cross_entropy_loss_backward<kTriton>)>();
-    variable_list out(9);
     if (ctx->needs_input_grad(0)) {
       out[0] = backward_op.call(grads[0], input, target, weight.defined() ? std::optional<at::Tensor>(weight) : std::nullopt,
-                                lse, denominators, reduction, ctx->saved_data["ignore_index"].toInt(), label_smoothing,
-                                ctx->saved_data["z_loss"].toDouble(), softcap);
+                                lse, denominators, reduction, ignore_index, label_smoothing, z_loss, softcap);
     }
     if (ctx->needs_input_grad(1)) {  // a probability target that requires grad
       const at::ScalarType acc = acc_dtype(input);
@@ -284,6 +288,12 @@ template <bool kTriton>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_loss_autograd(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t reduction,
     int64_t ignore_index, double label_smoothing, double z_loss, double softcap, bool check_target) {
+  if (!at::GradMode::is_enabled() || !(input.requires_grad() || target.requires_grad())) {
+    // Nothing to record (evaluation, no_grad): skip building the node, half of a small loss's cost.
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return loss_op<kTriton>().call(input, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
+                                   check_target);
+  }
   variable_list out = CrossEntropyLossFunction<kTriton>::apply(input, target, weight, reduction, ignore_index,
                                                                label_smoothing, z_loss, softcap, check_target);
   return {out[0], out[1], out[2]};

@@ -49,8 +49,18 @@ void forward_row(const in_t* x, out_t* y, int64_t C, acc_type<in_t> inv_t) {
   using acc_t = acc_type<in_t>;
   using Vec = AccVec<in_t>;
   constexpr int64_t kVec = Vec::size();
-  if constexpr (!kLog && std::is_same_v<out_t, acc_t>) {
-    if (C <= kKeptExpMaxClasses) return softmax_row_kept_exp(x, y, C, inv_t);
+  if constexpr (!kLog) {
+    if (C <= kKeptExpMaxClasses) {
+      if constexpr (std::is_same_v<out_t, acc_t>) return softmax_row_kept_exp(x, y, C, inv_t);
+      // bf16/fp16 output: the exps are kept in an fp32 row (L2-resident) and rounded once.
+      thread_local std::vector<acc_t> row;
+      row.resize(C);
+      softmax_row_kept_exp(x, row.data(), C, inv_t);
+      int64_t c = 0;
+      for (; c + kVec <= C; c += kVec) store_acc(y + c, Vec::loadu(row.data() + c));
+      for (; c < C; ++c) y[c] = static_cast<out_t>(row[c]);
+      return;
+    }
   }
   const SoftmaxOutput<acc_t> k = output_constants(row_stats(x, C, inv_t));
   // A degenerate row has NaN constants, which the products below carry to every output.

@@ -52,6 +52,10 @@ inline void store_acc(scalar_t* p, const acc_vec_t& v) {
     const __m256i packed = std::is_same_v<scalar_t, c10::BFloat16> ? at::vec::cvtfp32_bf16(__m512(v))
                                                                    : at::vec::cvtfp32_fp16(__m512(v));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed);
+#elif defined(CPU_CAPABILITY_AVX2)
+    const __m128i packed = std::is_same_v<scalar_t, c10::BFloat16> ? at::vec::cvtfp32_bf16(__m256(v))
+                                                                   : at::vec::cvtfp32_fp16(__m256(v));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
 #else
     at::vec::convert_from_float<scalar_t>(v, v).store(p, acc_vec_t::size());
 #endif
