@@ -22,6 +22,7 @@ def kernel_backend(request):
     with ao.backend(request.param):
         yield request.param
 
+
 SHAPES = [(5, 3), (7, 37), (4, 1000)]
 
 

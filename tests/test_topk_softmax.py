@@ -225,9 +225,7 @@ def test_deterministic(backend, device):
 @pytest.mark.parametrize("renormalize", [True, False], ids=["renorm", "full"])
 def test_gradcheck(backend, device, renormalize):
     x = _logits((2, 4, 2), torch.float64, seed=9, device=device).requires_grad_()  # small: Triton's interpreter is slow
-    assert gradcheck(
-        lambda x: ao.topk_softmax(x, 3, 1, renormalize=renormalize, temperature=1.3)[0], (x,)
-    )
+    assert gradcheck(lambda x: ao.topk_softmax(x, 3, 1, renormalize=renormalize, temperature=1.3)[0], (x,))
 
 
 def _opcheck_samples(prefix, device):

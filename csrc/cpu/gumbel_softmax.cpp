@@ -24,6 +24,25 @@
 namespace alchemy::cpu {
 namespace {
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// log x from its split x = m 2^e, m in [0.75, 1.5): log m = 2 atanh(s), s = (m - 1) / (m + 1) in
+// [-1/7, 1/5], by its odd series to s^9 (truncation < 1e-8 relative). m - 1 is exact, so log x keeps
+// full relative precision near x = 1, where -log(u) of a uniform close to 1 is tiny.
+inline at::vec::Vectorized<float> log_of_split(at::vec::Vectorized<float> m, at::vec::Vectorized<float> e) {
+  using Vec = at::vec::Vectorized<float>;
+  const Vec one(1.0f);
+  const Vec s = (m - one) / (m + one);
+  const Vec s2 = s * s;
+  Vec p(2.0f / 9);
+  p = at::vec::fmadd(p, s2, Vec(2.0f / 7));
+  p = at::vec::fmadd(p, s2, Vec(2.0f / 5));
+  p = at::vec::fmadd(p, s2, Vec(2.0f / 3));
+  p = at::vec::fmadd(p, s2, Vec(2.0f));
+  // e ln2 with ln2 split in two (e is an integer of at most 8 bits: the high part is exact).
+  return at::vec::fmadd(e, Vec(0.693145752f), at::vec::fmadd(e, Vec(1.42860677e-06f), s * p));
+}
+#endif
+
 #if defined(CPU_CAPABILITY_AVX512)
 // 16 Philox lanes: the lane type of philox_word0 (found by argument-dependent lookup).
 struct U32x16 {
@@ -52,25 +71,12 @@ inline __m512 uniform16(PhiloxKey key, uint64_t offset) {
   return _mm512_mul_ps(_mm512_cvtepi32_ps(x), _mm512_set1_ps(kUniformScale));  // int32 -> float rounds to nearest
 }
 
-// log x for normal x > 0 (all the noise needs): x = m 2^e with m in [0.75, 1.5), and
-// log m = 2 atanh(s), s = (m - 1) / (m + 1) in [-1/7, 1/5], by its odd series to s^9 (truncation
-// < 1e-8 relative). m - 1 is exact, so log x keeps full relative precision near x = 1, where
-// -log(u) of a uniform close to 1 is tiny. ~2 ulp; about half the instructions of Sleef's logf.
+// log x for normal x > 0 (all the noise needs), ~2 ulp; about half the instructions of Sleef's logf.
 inline __m512 log_normal_ps(__m512 x) {
   const __m512 m = _mm512_getmant_ps(x, _MM_MANT_NORM_p75_1p5, _MM_MANT_SIGN_src);
   __m512 e = _mm512_getexp_ps(x);  // floor(log2 x); one more when m was halved into [0.75, 1)
   e = _mm512_mask_add_ps(e, _mm512_cmp_ps_mask(m, _mm512_set1_ps(1.0f), _CMP_LT_OQ), e, _mm512_set1_ps(1.0f));
-  const __m512 one = _mm512_set1_ps(1.0f);
-  const __m512 s = _mm512_div_ps(_mm512_sub_ps(m, one), _mm512_add_ps(m, one));
-  const __m512 s2 = _mm512_mul_ps(s, s);
-  __m512 p = _mm512_set1_ps(2.0f / 9);
-  p = _mm512_fmadd_ps(p, s2, _mm512_set1_ps(2.0f / 7));
-  p = _mm512_fmadd_ps(p, s2, _mm512_set1_ps(2.0f / 5));
-  p = _mm512_fmadd_ps(p, s2, _mm512_set1_ps(2.0f / 3));
-  p = _mm512_fmadd_ps(p, s2, _mm512_set1_ps(2.0f));
-  const __m512 log_m = _mm512_mul_ps(s, p);
-  // e ln2 with ln2 split in two (e is an integer of at most 8 bits: the high part is exact).
-  return _mm512_fmadd_ps(e, _mm512_set1_ps(0.693145752f), _mm512_fmadd_ps(e, _mm512_set1_ps(1.42860677e-06f), log_m));
+  return log_of_split(m, e);
 }
 
 // Gumbel noise at counters offset + 0..15, as gumbel_noise() lane by lane up to the last
@@ -121,16 +127,7 @@ inline __m256 log_normal_ps(__m256 x) {
   const __m256 halve = _mm256_cmp_ps(m, _mm256_set1_ps(1.5f), _CMP_GE_OQ);
   m = _mm256_blendv_ps(m, _mm256_mul_ps(m, _mm256_set1_ps(0.5f)), halve);
   e = _mm256_add_ps(e, _mm256_and_ps(halve, _mm256_set1_ps(1.0f)));
-  const __m256 one = _mm256_set1_ps(1.0f);
-  const __m256 s = _mm256_div_ps(_mm256_sub_ps(m, one), _mm256_add_ps(m, one));
-  const __m256 s2 = _mm256_mul_ps(s, s);
-  __m256 p = _mm256_set1_ps(2.0f / 9);
-  p = _mm256_fmadd_ps(p, s2, _mm256_set1_ps(2.0f / 7));
-  p = _mm256_fmadd_ps(p, s2, _mm256_set1_ps(2.0f / 5));
-  p = _mm256_fmadd_ps(p, s2, _mm256_set1_ps(2.0f / 3));
-  p = _mm256_fmadd_ps(p, s2, _mm256_set1_ps(2.0f));
-  const __m256 log_m = _mm256_mul_ps(s, p);
-  return _mm256_fmadd_ps(e, _mm256_set1_ps(0.693145752f), _mm256_fmadd_ps(e, _mm256_set1_ps(1.42860677e-06f), log_m));
+  return log_of_split(m, e);
 }
 
 inline at::vec::Vectorized<float> gumbel_lanes(PhiloxKey key, uint64_t offset) {
