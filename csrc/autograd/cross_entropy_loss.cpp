@@ -289,7 +289,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_loss_autograd(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t reduction,
     int64_t ignore_index, double label_smoothing, double z_loss, double softcap, bool check_target) {
   if (!at::GradMode::is_enabled() || !(input.requires_grad() || target.requires_grad())) {
-    // Nothing to record (evaluation, no_grad): skip building the node, half of a small loss's cost.
+    // Nothing to record (evaluation, no_grad): no node, no saved tensors.
     at::AutoDispatchBelowADInplaceOrView guard;
     return loss_op<kTriton>().call(input, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
                                    check_target);
