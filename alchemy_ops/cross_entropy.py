@@ -160,6 +160,22 @@ def reduce_loss(loss: torch.Tensor, target, weight, ignore_index: int, classes: 
     return total.to(dtype)
 
 
+def z_loss_class_weight(
+    z_loss: float, target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int, classes: int, reduction: str
+) -> torch.Tensor | None:
+    """The class weights to give kernels that add ``z * lse**2`` per position (unweighted) and divide
+    everything by the summed weight W, so that a weighted mean follows the z-loss definition
+    (Liger's): the z term divided by the number n of non-ignored positions. Scaled by ``n / W``, the
+    weighted part keeps its ``1 / W`` and the z part gets ``1 / n``, in the loss and its gradient
+    alike. Tensor arithmetic only (no host read: a compiled graph keeps it); W = 0 keeps the weights
+    (a NaN mean, as PyTorch's)."""
+    if not z_loss or weight is None or reduction != "mean" or target.is_floating_point():
+        return weight
+    valid = reference.cross_entropy_valid_count(target, ignore_index, classes, weight.dtype)
+    total = reference.cross_entropy_mean_denominator(target, weight, ignore_index, classes, weight.dtype)
+    return weight * torch.where(total != 0, valid / total, torch.ones_like(total))
+
+
 class _CrossEntropyInplaceBackward(torch.autograd.Function):
     """Forward writes the gradient (for a unit upstream gradient) into the logits; backward only
     scales it by the upstream gradient, in place, when that is not exactly 1."""
@@ -170,11 +186,8 @@ class _CrossEntropyInplaceBackward(torch.autograd.Function):
         acc = reference.acc_dtype(input.dtype)
         positions = target.shape if not target.is_floating_point() else input.sum(_class_dim(input)).shape
         if reduction == "mean":
-            denominator = reference.cross_entropy_mean_denominator(target, weight, ignore_index, classes, acc)
-            scale = 1.0 / denominator
-            if weight is not None and z_loss > 0:  # the z term is a mean over positions (see cross_entropy_loss)
-                count = reference.cross_entropy_valid_count(target, ignore_index, classes, acc)
-                z_loss = z_loss * float(denominator / count)
+            weight = z_loss_class_weight(z_loss, target, weight, ignore_index, classes, reduction)
+            scale = 1.0 / reference.cross_entropy_mean_denominator(target, weight, ignore_index, classes, acc)
         else:
             scale = torch.ones((), dtype=acc, device=input.device)
         grad_scale = scale.expand(positions).contiguous()
@@ -192,7 +205,7 @@ class _CrossEntropyInplaceBackward(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         if ctx.reduction == "none":
             grad.mul_(grad_output.unsqueeze(_class_dim(grad)) if grad.dim() > 1 else grad_output)
-        elif not bool((grad_output == 1).all()):
+        elif torch.compiler.is_compiling() or not bool((grad_output == 1).all()):  # a graph cannot branch on it
             grad.mul_(grad_output)
         return grad, None, None, None, None, None, None, None, None, None
 

@@ -17,7 +17,13 @@ import torch
 from . import _checks, reference
 from ._backend import resolve
 from ._ops import ops
-from .cross_entropy import CrossEntropyOutput, check_class_targets, check_loss_arguments, reduce_loss
+from .cross_entropy import (
+    CrossEntropyOutput,
+    check_class_targets,
+    check_loss_arguments,
+    reduce_loss,
+    z_loss_class_weight,
+)
 
 # The smallest default chunk. Each chunk's d_weight matmul reads and writes all of d_weight with an
 # inner dimension of one chunk's rows: at 64 rows the three matmuls ran 1.8x slower than at 256 on
@@ -43,10 +49,10 @@ class _ChunkLoss:
     its gradient with autograd, the same three operations."""
 
     backend: str
-    class_weight: torch.Tensor | None  # in the accumulation dtype
+    class_weight: torch.Tensor | None  # in the accumulation dtype, scaled by z_loss_class_weight
     ignore_index: int
     label_smoothing: float
-    z_loss: float  # as the kernels take it (see kernel_z_loss)
+    z_loss: float
     softcap: float | None
     # Whether the kernels check the class indices: only under torch.compile, where the Python check
     # up front would be a data-dependent branch (eager mode checks before any matmul).
@@ -322,22 +328,6 @@ def _check_chunk_size(chunk_size) -> int | None:
     return int(chunk_size)
 
 
-def kernel_z_loss(z_loss: float, target: torch.Tensor, class_weight, ignore_index: int, classes: int, reduction: str):
-    """The ``z_loss`` the kernels are given, so that the loss follows the z-loss definition (Liger's):
-    a weighted mean divides the z term by the number of non-ignored positions, not by the summed
-    class weights W. The kernels add ``z * lse**2`` per position and the mean divides everything by
-    W, so they get ``z_loss * W / n_valid`` (the loss and its gradient both follow). Only a mean with
-    class weights and class-index targets needs it; it reads two sums back to the host."""
-    if not z_loss or class_weight is None or reduction != "mean" or target.is_floating_point():
-        return z_loss
-    valid = int((target != ignore_index).sum())
-    if valid == 0:  # everything ignored: no z term anywhere
-        return z_loss
-    acc = class_weight.dtype
-    total_weight = float(reference.cross_entropy_mean_denominator(target, class_weight, ignore_index, classes, acc))
-    return z_loss * total_weight / valid
-
-
 def _extras(loss, lse, hits, target, ignore_index, z_loss, reduction, acc, flags) -> CrossEntropyOutput:
     """The CrossEntropyOutput of the return_* ``flags`` (z_loss, lse, token_accuracy) from the per-token
     lse and argmax hits, in the accumulation dtype ``acc``."""
@@ -438,8 +428,8 @@ def linear_cross_entropy(
     A mean/sum loss scales its saved gradients in place for a non-unit upstream gradient: after
     such a backward, another one through the same loss (``retain_graph=True``) raises.
 
-    torch.compile: compiles with ``fullgraph=True``, forward and backward (the compiled backward scales
-    the saved gradients unconditionally; a weighted mean with ``z_loss`` breaks the graph at its host read).
+    torch.compile: compiles with ``fullgraph=True``, forward and backward, with every option (the
+    compiled backward scales the saved gradients unconditionally).
 
     Autocast: under ``torch.autocast`` (on the input's device, fp16/bf16/fp32 operands) the matmuls run
     in the autocast dtype, as ``F.linear`` does there (the three operands may then differ in dtype),
@@ -485,10 +475,8 @@ def linear_cross_entropy(
     x, target = (input.unsqueeze(0), target.unsqueeze(0)) if single else (input, target)
     acc = reference.acc_dtype(compute_dtype)
     acc_class_weight = None if class_weight is None else class_weight.to(acc)
-    z_kernel = kernel_z_loss(z_loss, target, acc_class_weight, ignore_index, classes, reduction)
-    loss_fn = _ChunkLoss(
-        resolve(x), acc_class_weight, ignore_index, label_smoothing, z_kernel, softcap, in_kernel_check
-    )
+    acc_class_weight = z_loss_class_weight(z_loss, target, acc_class_weight, ignore_index, classes, reduction)
+    loss_fn = _ChunkLoss(resolve(x), acc_class_weight, ignore_index, label_smoothing, z_loss, softcap, in_kernel_check)
     plan = _Plan(
         loss_fn, chunk_size or default_chunk_size(x.shape[0], x.shape[1], classes), reduction, accumulate_fp32,
         compute_dtype, x.dtype if autocast is None else acc, return_lse or return_z_loss, return_token_accuracy,

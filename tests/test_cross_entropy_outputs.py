@@ -239,6 +239,28 @@ def test_compile_fullgraph_with_flags_and_weighted_mean(backend_name):
     torch.testing.assert_close(b.grad, a.grad)
 
 
+@pytest.mark.parametrize("backend_name", ["cpp", "triton"])
+def test_compile_fullgraph_in_place_gradient_with_weighted_z_loss(backend_name):
+    """inplace_backward with a weighted z-loss mean compiles whole (the weights are rescaled by tensor
+    arithmetic, the saved gradient scaled without a branch) and matches float64."""
+    x, t = _case()
+    w = torch.rand(11, generator=torch.Generator().manual_seed(5)) * 3 + 0.1
+
+    def step(x):
+        return ao.cross_entropy(x * 1, t, weight=w, z_loss=0.02, inplace_backward=True)
+
+    x64 = x.double().requires_grad_()
+    expected = _z_loss_oracle(x64, t, w, 0.02, "mean")
+    (expected * 1.3).backward()
+    torch._dynamo.reset()
+    xr = x.clone().requires_grad_()
+    with ao.backend(backend_name):
+        loss = torch.compile(step, fullgraph=True)(xr)
+    (loss * 1.3).backward()
+    assert_close(loss, expected, torch.float32)
+    assert_close(xr.grad, x64.grad, torch.float32)
+
+
 def test_bad_target_message_in_pytorchs_words(backend):
     x, t = _case()
     t[4] = 11

@@ -188,6 +188,29 @@ def test_compile_fullgraph_under_autocast():
         torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
 
 
+def test_compile_fullgraph_weighted_z_loss_mean(backend_name):
+    """The non-default combination that rescales the class weights (weighted mean with z_loss, label
+    smoothing, ignored positions) also compiles whole, and matches float64 with Liger's z-loss."""
+    x, w, b = _problem()
+    target = _targets(ignore_index=0)
+    kw = {"class_weight": _class_weight(), "ignore_index": 0, "label_smoothing": 0.1, "z_loss": 0.05}
+
+    def step(x, w, b):
+        return ao.linear_cross_entropy(x, w, target, b, chunk_size=4, **kw)
+
+    p64 = [p.double().requires_grad_() for p in (x, w, b)]
+    want = _expected(*p64, target, **kw)[0]
+    expected = torch.autograd.grad(want * 1.3, p64)
+    torch._dynamo.reset()
+    params = [p.clone().requires_grad_() for p in (x, w, b)]
+    with ao.backend(backend_name):
+        loss = torch.compile(step, fullgraph=True)(*params)
+    (loss * 1.3).backward()
+    _close(loss, want, 2e-5, 2e-5)
+    for p, e in zip(params, expected, strict=True):
+        _close(p.grad, e, 2e-5, 2e-5)
+
+
 def test_compiled_bad_target_raises_index_error(backend_name):
     """Under torch.compile the kernels check the targets: the same IndexError, no crash or NaN. (The
     reference backend is PyTorch's composition: inductor's bounds check raises for it, a RuntimeError.)"""
