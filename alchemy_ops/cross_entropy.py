@@ -15,7 +15,7 @@ from torch.nn import _reduction
 
 from . import _backend, _checks, reference
 from ._backend import resolve
-from ._extension import _C, WITH_CUDA
+from ._extension import _C
 from ._ops import ops
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -213,26 +213,6 @@ class _CrossEntropyInplaceBackward(torch.autograd.Function):
 _REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}  # at::Reduction, as the cross_entropy_loss op takes it
 
 
-def _direct_call_fits(input: torch.Tensor, target: object, weight: torch.Tensor | None) -> bool:
-    """Whether the cpp loss operator is what ``resolve`` would pick for ``input``, every tensor is a
-    plain torch.Tensor (subclasses and torch-function modes need torch.ops' handling) and on the
-    input's device type (else a meta target would dispatch to the fake kernel).
-
-    The common call (no extras, no autocast, eager) then goes straight to ``_C.cross_entropy_loss``:
-    the operator checks every argument itself, and whatever it rejects is retried on the checked
-    path, which gives PyTorch's casts and this module's messages. That keeps a small loss as cheap
-    as PyTorch's own.
-    """
-    name = _backend.current_backend()
-    if (name != "auto" and name != "cpp") or type(input) is not torch.Tensor or type(target) is not torch.Tensor:
-        return False
-    if (weight is not None and type(weight) is not torch.Tensor) or torch._C._is_torch_function_mode_enabled():
-        return False
-    if input.is_cpu:
-        return target.is_cpu and (weight is None or weight.is_cpu)
-    return WITH_CUDA and input.is_cuda and target.is_cuda and (weight is None or weight.is_cuda)
-
-
 def _extra_outputs(loss, lse, correct, target, ignore_index, classes, reduction, z_loss, want_z, want_lse):
     """The CrossEntropyOutput of the return_* flags, from the per-position lse (and argmax hits)."""
     valid = None if target.is_floating_point() else target != ignore_index
@@ -318,7 +298,7 @@ def cross_entropy(
         and not torch._C._is_any_autocast_enabled()
         and not torch.compiler.is_compiling()
     ):
-        if _direct_call_fits(input, target, weight):
+        if type(target) is torch.Tensor and _backend.direct_call_fits(input, target, weight):
             try:
                 loss = _C.cross_entropy_loss(input, target, weight, _REDUCTION_ENUM[reduction], ignore_index,
                                              label_smoothing, z_loss, check_target)  # fmt: skip

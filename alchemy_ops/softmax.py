@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks, reference
+from . import _backend, _checks, reference
 from ._backend import resolve
+from ._extension import _C
 from ._ops import ops
 
 # Devices whose torch.autocast runs softmax and log_softmax in fp32: CUDA's "fp32_set_opt_dtype" policy
@@ -33,6 +34,18 @@ def cast_before_kernel(input_dtype: torch.dtype, out_dtype: torch.dtype) -> bool
 
 
 def _softmax(input, dim, dtype, temperature, log: bool) -> torch.Tensor:
+    if (
+        dtype is None
+        and type(dim) is int
+        and (type(temperature) is float or type(temperature) is int)
+        and not torch._C._is_any_autocast_enabled()
+        and not torch.compiler.is_compiling()
+        and _backend.direct_call_fits(input)
+    ):
+        try:  # the common call, as cheap as torch.log_softmax's (see _backend.direct_call_fits)
+            return _C.softmax(input, dim, float(temperature), log)
+        except (RuntimeError, TypeError, ValueError, IndexError):
+            pass  # the checked path below casts what it can and raises what it must, with its message
     input = _checks.check_tensor("input", input)
     if dtype is None and autocast_to_fp32(input):
         dtype = torch.float32

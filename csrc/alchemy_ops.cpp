@@ -84,12 +84,16 @@ TORCH_LIBRARY(alchemy_ops, m) {
 #endif
 
 namespace alchemy {
-PyObject* cross_entropy_loss_call(PyObject* module, PyObject* const* args, Py_ssize_t nargs);  // autograd/
+// csrc/autograd/python_calls.cpp
+PyObject* cross_entropy_loss_call(PyObject* module, PyObject* const* args, Py_ssize_t nargs);
+PyObject* softmax_call(PyObject* module, PyObject* const* args, Py_ssize_t nargs);
 }
 
 static PyMethodDef alchemy_methods[] = {
     {"cross_entropy_loss", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&alchemy::cross_entropy_loss_call)),
      METH_FASTCALL, "the loss of alchemy_ops::cross_entropy_loss; the common ao.cross_entropy call"},
+    {"softmax", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&alchemy::softmax_call)), METH_FASTCALL,
+     "alchemy_ops::softmax_forward without dtype=; the common ao.softmax / ao.log_softmax call"},
     {nullptr, nullptr, 0, nullptr}};
 
 // `import alchemy_ops._C` loads the operators above; the module also records how it was built.

@@ -43,19 +43,23 @@ struct SoftmaxFunction : public torch::autograd::Function<SoftmaxFunction<kTrito
     at::AutoDispatchBelowADInplaceOrView guard;
     at::Tensor output = forward_op<kTriton>().call(input, dim, temperature, log, dtype);
     ctx->save_for_backward({output});
-    ctx->saved_data["dim"] = dim;
-    ctx->saved_data["temperature"] = temperature;
-    ctx->saved_data["log"] = log;
-    ctx->saved_data["input_dtype"] = static_cast<int64_t>(input.scalar_type());
+    // One saved_data entry (each is a string-keyed hash insert, a share of a short row's cost).
+    ctx->saved_data["options"] = std::make_tuple(dim, temperature, log, static_cast<int64_t>(input.scalar_type()));
     return output;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor output = ctx->get_saved_variables()[0];
-    at::Tensor grad_input =
-        backward_op<kTriton>().call(grads[0], output, ctx->saved_data["dim"].toInt(),
-                                    ctx->saved_data["temperature"].toDouble(), ctx->saved_data["log"].toBool());
-    const auto input_dtype = static_cast<at::ScalarType>(ctx->saved_data["input_dtype"].toInt());
+    const auto options = ctx->saved_data["options"].toTuple();
+    const int64_t dim = options->elements()[0].toInt();
+    const double temperature = options->elements()[1].toDouble();
+    const bool log = options->elements()[2].toBool();
+    const auto input_dtype = static_cast<at::ScalarType>(options->elements()[3].toInt());
+    // Without create_graph, skip softmax_backward's autograd kernel (registered from Python, tens of
+    // microseconds per call); with it, that kernel records the double-backward node.
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
+    if (!at::GradMode::is_enabled()) below_autograd.emplace();
+    at::Tensor grad_input = backward_op<kTriton>().call(grads[0], output, dim, temperature, log);
     if (grad_input.scalar_type() != input_dtype) grad_input = grad_input.to(input_dtype);
     return {grad_input, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
@@ -64,6 +68,10 @@ struct SoftmaxFunction : public torch::autograd::Function<SoftmaxFunction<kTrito
 template <bool kTriton>
 at::Tensor softmax_autograd(const at::Tensor& input, int64_t dim, double temperature, bool log,
                             std::optional<at::ScalarType> dtype) {
+  if (!at::GradMode::is_enabled() || !input.requires_grad()) {  // nothing to record: no node
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return forward_op<kTriton>().call(input, dim, temperature, log, dtype);
+  }
   return SoftmaxFunction<kTriton>::apply(input, dim, temperature, log, dtype);
 }
 

@@ -9,6 +9,7 @@
 #include <c10/core/WrapDimMinimal.h>
 
 #include <cmath>
+#include <limits>
 #include <optional>
 
 #include "row_layout.h"
@@ -18,6 +19,9 @@ namespace alchemy {
 inline double checked_inv_temperature(double temperature) {
   TORCH_CHECK(std::isfinite(temperature) && temperature > 0,
               "alchemy_ops: temperature must be finite and > 0, got ", temperature);
+  // The kernels multiply by 1/T in fp32.
+  TORCH_CHECK(1.0 / temperature <= std::numeric_limits<float>::max(), "alchemy_ops: temperature ", temperature,
+              " is too small: 1/temperature overflows float32");
   return 1.0 / temperature;
 }
 

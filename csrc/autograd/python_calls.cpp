@@ -1,7 +1,8 @@
-// alchemy_ops._C.cross_entropy_loss: the common ao.cross_entropy call, straight from Python to the
-// dispatcher. torch.ops parses the arguments against the schema into boxed values and boxes three
-// outputs back, about a fifth of a [4, 3] loss's forward; this entry takes the arguments the
-// Python wrapper has already checked and returns the loss alone.
+// alchemy_ops._C.cross_entropy_loss and _C.softmax: the common ao.cross_entropy and ao.(log_)softmax
+// calls, straight from Python to the dispatcher. torch.ops parses the arguments against the schema
+// into boxed values and boxes the outputs back, as long as a short row's whole forward; these
+// entries take plain tensors and already-typed options and return the one result. The Python
+// wrappers send subclasses, torch-function modes and anything these reject through torch.ops.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -43,6 +44,30 @@ PyObject* cross_entropy_loss_call(PyObject* /*module*/, PyObject* const* args, P
                                check_target != 0));
   }
   return THPVariable_Wrap(std::move(loss));
+  END_HANDLE_TH_ERRORS
+}
+
+// (input, dim, temperature, log) -> softmax_forward(input, dim, temperature, log, dtype=None).
+PyObject* softmax_call(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 4 || !THPVariable_Check(args[0])) {
+    PyErr_SetString(PyExc_TypeError, "alchemy_ops._C.softmax: expected (Tensor, int, float, bool)");
+    return nullptr;
+  }
+  const at::Tensor& input = THPVariable_Unpack(args[0]);
+  const int64_t dim = PyLong_AsLongLong(args[1]);
+  const double temperature = PyFloat_AsDouble(args[2]);
+  const int log = PyObject_IsTrue(args[3]);
+  if (PyErr_Occurred()) return nullptr;
+  using SoftmaxFn = at::Tensor(const at::Tensor&, int64_t, double, bool, std::optional<at::ScalarType>);
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("alchemy_ops::softmax_forward", "").typed<SoftmaxFn>();
+  at::Tensor output;
+  {
+    pybind11::gil_scoped_release no_gil;
+    output = op.call(input, dim, temperature, log != 0, std::nullopt);
+  }
+  return THPVariable_Wrap(std::move(output));
   END_HANDLE_TH_ERRORS
 }
 
