@@ -114,3 +114,27 @@ def pytest_collection_modifyitems(config, items):
         if slow:
             config.hook.pytest_deselected(items=slow)
             items[:] = [item for item in items if "slow" not in item.keywords]
+
+
+class RecordedTensor(torch.Tensor):
+    """A tensor subclass that records the functions called on it: the direct _C entries skip
+    torch.ops' __torch_function__ handling, so subclasses must not take them."""
+
+    calls: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.calls.append(func)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+class RecordingMode(torch.overrides.TorchFunctionMode):
+    """A torch-function mode that records the functions called under it (see RecordedTensor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls.append(func)
+        return func(*args, **(kwargs or {}))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close
+from conftest import RecordedTensor, RecordingMode, assert_close
 
 import alchemy_ops as ao
 
@@ -291,27 +291,6 @@ def test_direct_call_matches_the_operator_and_rejects_bad_arguments():
         ao._C.cross_entropy_loss(x, torch.full((7,), 11), None, 1, -100, 0.0, 0.0, True)
 
 
-class _Recorded(torch.Tensor):
-    """A tensor subclass that records the functions called on it."""
-
-    calls: list = []
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        cls.calls.append(func)
-        return super().__torch_function__(func, types, args, kwargs or {})
-
-
-class _RecordingMode(torch.overrides.TorchFunctionMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.calls.append(func)
-        return func(*args, **(kwargs or {}))
-
-
 def _saw_loss_op(calls) -> bool:
     return any("alchemy_ops.cross_entropy_loss" in str(f) for f in calls)
 
@@ -321,11 +300,11 @@ def test_subclasses_and_torch_function_modes_see_the_loss_operator():
     g = torch.Generator().manual_seed(5)
     x, t = torch.randn(7, 11, generator=g), torch.randint(0, 11, (7,), generator=g)
     expected = F.cross_entropy(x.double(), t).float()
-    _Recorded.calls = []
-    loss = ao.cross_entropy(x.as_subclass(_Recorded), t)
-    assert _saw_loss_op(_Recorded.calls)
+    RecordedTensor.calls = []
+    loss = ao.cross_entropy(x.as_subclass(RecordedTensor), t)
+    assert _saw_loss_op(RecordedTensor.calls)
     torch.testing.assert_close(loss.as_subclass(torch.Tensor), expected)
-    with _RecordingMode() as mode:
+    with RecordingMode() as mode:
         loss = ao.cross_entropy(x, t)
     assert _saw_loss_op(mode.calls)
     torch.testing.assert_close(loss, expected)

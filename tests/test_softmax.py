@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import TOLERANCES, assert_close, gradcheck, gradgradcheck
+from conftest import TOLERANCES, RecordedTensor, RecordingMode, assert_close, gradcheck, gradgradcheck
 
 import alchemy_ops as ao
 
@@ -288,3 +288,41 @@ def test_torch_compile_recompiles_when_backend_changes():
     assert len(graphs) == 2
     assert "alchemy_ops.softmax_forward" in graphs[0] and "alchemy_ops" not in graphs[1]
     torch.testing.assert_close(y_cpp, y_ref)
+
+
+def test_direct_call_matches_the_operator_and_rejects_bad_arguments():
+    """ao._C.softmax (the common call's entry) gives the operator's result and raises, not crashes,
+    on what it cannot take; the public functions then give their checked messages."""
+    x = torch.randn(6, 13, generator=torch.Generator().manual_seed(8))
+    for dim, temperature, log in [(-1, 1.0, True), (0, 0.7, False), (1, 2.0, False)]:
+        direct = ao._C.softmax(x, dim, temperature, log)
+        assert torch.equal(direct, torch.ops.alchemy_ops.softmax_forward(x, dim, temperature, log, None))
+    with pytest.raises(TypeError, match="expected"):
+        ao._C.softmax(x, -1, 1.0)
+    with pytest.raises(TypeError, match="expected"):
+        ao._C.softmax(x.tolist(), -1, 1.0, True)
+    with pytest.raises(IndexError):
+        ao._C.softmax(x, 2, 1.0, True)
+    with pytest.raises(RuntimeError, match="temperature"):
+        ao._C.softmax(x, -1, 1e-40, True)
+    with pytest.raises(IndexError, match="alchemy_ops: dim 2 is out of range"):
+        ao.log_softmax(x, 2)
+
+
+@pytest.mark.parametrize("fn", [ao.softmax, ao.log_softmax], ids=["softmax", "log_softmax"])
+def test_subclasses_and_torch_function_modes_see_the_softmax_operator(fn):
+    """The direct call skips torch.ops' __torch_function__ handling, so it must not take these."""
+    x = torch.randn(5, 9, generator=torch.Generator().manual_seed(9))
+    expected = fn(x.double(), -1).float()
+
+    def saw_op(calls):
+        return any("alchemy_ops.softmax_forward" in str(f) for f in calls)
+
+    RecordedTensor.calls = []
+    y = fn(x.as_subclass(RecordedTensor), -1)
+    assert saw_op(RecordedTensor.calls)
+    torch.testing.assert_close(y.as_subclass(torch.Tensor), expected)
+    with RecordingMode() as mode:
+        y = fn(x, -1)
+    assert saw_op(mode.calls)
+    torch.testing.assert_close(y, expected)
