@@ -77,27 +77,13 @@ def current_backend() -> str:
     return _current
 
 
-def direct_call_fits(input: torch.Tensor, *others: torch.Tensor | None) -> bool:
-    """Whether an op on ``input`` may go straight to its ``_C`` entry (alchemy_ops._C.softmax,
-    _C.cross_entropy_loss): the cpp operators are what ``resolve`` would pick, every tensor is a
-    plain torch.Tensor (subclasses and torch-function modes need torch.ops' handling) and ``others``
-    (None allowed) are on the input's device type (else a meta tensor would dispatch to a fake kernel).
-    The entries call the same operators, which check every argument; whatever they reject is retried
-    on the checked path, which gives PyTorch's casts and the modules' messages."""
-    if (_current != "auto" and _current != "cpp") or type(input) is not torch.Tensor:
-        return False
-    if torch._C._is_torch_function_mode_enabled():
-        return False
-    if input.is_cpu:
-        on_cpu = True
-    elif WITH_CUDA and input.is_cuda:
-        on_cpu = False
-    else:
-        return False
-    for t in others:
-        if t is not None and (type(t) is not torch.Tensor or t.is_cpu is not on_cpu or t.is_cuda is on_cpu):
-            return False
-    return True
+def direct_calls() -> bool:
+    """Whether ops may try their ``_C`` entries (alchemy_ops._C.softmax, _C.cross_entropy_loss):
+    the backend would resolve to cpp. The entries take plain tensors on CPU (CUDA when built with
+    it) without autocast or torch-function modes and exactly-typed options, call the same
+    operators, and return None for anything else; then, or when an operator raises, the op takes
+    its checked path, which gives PyTorch's casts and the modules' messages."""
+    return _current == "auto" or _current == "cpp"
 
 
 def resolve(tensor: torch.Tensor) -> str:

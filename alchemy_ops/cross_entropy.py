@@ -19,7 +19,6 @@ from ._extension import _C
 from ._ops import ops
 
 REDUCTIONS = ("none", "mean", "sum")
-_NUMBERS = (float, int)
 
 
 class CrossEntropyOutput(NamedTuple):
@@ -289,22 +288,18 @@ def cross_entropy(
         and not (inplace_backward or return_z_loss or return_lse or return_token_accuracy)
         and size_average is None
         and reduce is None
+        and type(reduction) is str
         and reduction in _REDUCTION_ENUM
-        and type(ignore_index) is int  # not bool: the checked path refuses it
-        and type(label_smoothing) in _NUMBERS
-        and type(z_loss) in _NUMBERS
-        and isinstance(input, torch.Tensor)
-        and (weight is None or (isinstance(weight, torch.Tensor) and weight.is_floating_point()))
-        and not torch._C._is_any_autocast_enabled()
+        and _backend.direct_calls()
         and not torch.compiler.is_compiling()
     ):
-        if type(target) is torch.Tensor and _backend.direct_call_fits(input, target, weight):
-            try:
-                loss = _C.cross_entropy_loss(input, target, weight, _REDUCTION_ENUM[reduction], ignore_index,
-                                             label_smoothing, z_loss, check_target)  # fmt: skip
-                return loss if loss.dtype is input.dtype else loss.to(input.dtype)
-            except (RuntimeError, TypeError, ValueError, IndexError):
-                pass  # the checked path below casts what it can and raises what it must, with its message
+        try:  # the common call, as cheap as PyTorch's own (see _backend.direct_calls)
+            loss = _C.cross_entropy_loss(input, target, weight, _REDUCTION_ENUM[reduction], ignore_index,
+                                         label_smoothing, z_loss, check_target)  # fmt: skip
+        except (RuntimeError, TypeError, ValueError, IndexError):
+            loss = None  # the checked path below casts what it can and raises what it must, with its message
+        if loss is not None:
+            return loss
     if size_average is not None or reduce is not None:
         reduction = _reduction.legacy_get_string(size_average, reduce)
     input, target, weight, ignore_index, label_smoothing, z_loss, softcap = _check_arguments(

@@ -34,18 +34,13 @@ def cast_before_kernel(input_dtype: torch.dtype, out_dtype: torch.dtype) -> bool
 
 
 def _softmax(input, dim, dtype, temperature, log: bool) -> torch.Tensor:
-    if (
-        dtype is None
-        and type(dim) is int
-        and (type(temperature) is float or type(temperature) is int)
-        and not torch._C._is_any_autocast_enabled()
-        and not torch.compiler.is_compiling()
-        and _backend.direct_call_fits(input)
-    ):
-        try:  # the common call, as cheap as torch.log_softmax's (see _backend.direct_call_fits)
-            return _C.softmax(input, dim, float(temperature), log)
+    if dtype is None and _backend.direct_calls() and not torch.compiler.is_compiling():
+        try:  # the common call, as cheap as torch.log_softmax's (see _backend.direct_calls)
+            out = _C.softmax(input, dim, temperature, log)
         except (RuntimeError, TypeError, ValueError, IndexError):
-            pass  # the checked path below casts what it can and raises what it must, with its message
+            out = None  # the checked path below raises what it must, with its message
+        if out is not None:
+            return out
     input = _checks.check_tensor("input", input)
     if dtype is None and autocast_to_fp32(input):
         dtype = torch.float32

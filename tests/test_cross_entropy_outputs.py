@@ -273,7 +273,9 @@ def test_language_model_logits_get_a_hint():
         ao.cross_entropy(torch.randn(2, 5, 30), torch.randint(0, 30, (2, 5)))
 
 
-def test_direct_call_matches_the_operator_and_rejects_bad_arguments():
+def test_direct_call_matches_the_operator_declines_and_raises():
+    """ao._C.cross_entropy_loss gives the operator's loss; it returns None (the wrapper's checked
+    path then runs) for what needs Python's handling, and raises the operator's errors."""
     g = torch.Generator().manual_seed(4)
     x, t = torch.randn(7, 11, generator=g), torch.randint(0, 11, (7,), generator=g)
     w = torch.rand(11, generator=g) + 0.5
@@ -281,10 +283,26 @@ def test_direct_call_matches_the_operator_and_rejects_bad_arguments():
         direct = ao._C.cross_entropy_loss(*args)
         via_ops = OPS.cross_entropy_loss(*args[:7], 0.0, args[7])[0]
         assert torch.equal(direct, via_ops)
-    with pytest.raises(TypeError, match="expected"):
+    assert ao._C.cross_entropy_loss(x.double(), t, None, 1, -100, 0, 0, True).dtype == torch.float64
+    assert ao._C.cross_entropy_loss(x.bfloat16(), t, None, 1, -100, 0, 0, True).dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="expected 8 arguments"):
         ao._C.cross_entropy_loss(x, t, None, 1, -100, 0.0, 0.0)
-    with pytest.raises(TypeError, match="expected"):
-        ao._C.cross_entropy_loss(x, [0] * 7, None, 1, -100, 0.0, 0.0, True)
+    declined = [
+        (x, [0] * 7, None, 1, -100, 0.0, 0.0, True),  # not a tensor
+        (x.as_subclass(RecordedTensor), t, None, 1, -100, 0.0, 0.0, True),  # a subclass
+        (x, t, w.long(), 1, -100, 0.0, 0.0, True),  # integer class weights: the wrapper casts them
+        (x, t, None, 1, True, 0.0, 0.0, True),  # a bool ignore_index: the wrapper refuses it
+        (x, t, None, 1, 2**70, 0.0, 0.0, True),  # beyond int64
+        (x, t, None, 1, -100, "0.1", 0.0, True),
+        (x, t, None, 1, -100, 0.0, 0.0, 1),  # check_target must be a bool
+        (x, t.to("meta"), None, 1, -100, 0.0, 0.0, True),  # another device type
+    ]
+    for args in declined:
+        assert ao._C.cross_entropy_loss(*args) is None
+    with RecordingMode():
+        assert ao._C.cross_entropy_loss(x, t, None, 1, -100, 0.0, 0.0, True) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ao._C.cross_entropy_loss(x, t, None, 1, -100, 0.0, 0.0, True) is None
     with pytest.raises(ValueError, match="reduction"):
         ao._C.cross_entropy_loss(x, t, None, 3, -100, 0.0, 0.0, True)
     with pytest.raises(IndexError, match="Target 11 is out of bounds"):

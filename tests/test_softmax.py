@@ -290,23 +290,39 @@ def test_torch_compile_recompiles_when_backend_changes():
     torch.testing.assert_close(y_cpp, y_ref)
 
 
-def test_direct_call_matches_the_operator_and_rejects_bad_arguments():
-    """ao._C.softmax (the common call's entry) gives the operator's result and raises, not crashes,
-    on what it cannot take; the public functions then give their checked messages."""
+def test_direct_call_matches_the_operator_declines_and_raises():
+    """ao._C.softmax (the common call's entry) gives the operator's result; it returns None (the
+    wrapper's checked path then runs) for what needs Python's handling, and raises the operator's
+    errors, after which the public functions give their checked messages."""
     x = torch.randn(6, 13, generator=torch.Generator().manual_seed(8))
-    for dim, temperature, log in [(-1, 1.0, True), (0, 0.7, False), (1, 2.0, False)]:
+    for dim, temperature, log in [(-1, 1.0, True), (0, 0.7, False), (1, 2, False)]:
         direct = ao._C.softmax(x, dim, temperature, log)
         assert torch.equal(direct, torch.ops.alchemy_ops.softmax_forward(x, dim, temperature, log, None))
-    with pytest.raises(TypeError, match="expected"):
+    with pytest.raises(TypeError, match="expected 4 arguments"):
         ao._C.softmax(x, -1, 1.0)
-    with pytest.raises(TypeError, match="expected"):
-        ao._C.softmax(x.tolist(), -1, 1.0, True)
+    declined = [
+        (x.tolist(), -1, 1.0, True),
+        (x.as_subclass(RecordedTensor), -1, 1.0, True),
+        (x, True, 1.0, True),  # a bool dim
+        (x, -1, True, True),  # a bool temperature
+        (x, -1, 1.0, 1),  # log must be a bool
+        (x, -1, 2**1100, True),  # an int beyond double
+        (x.to("meta"), -1, 1.0, True),
+    ]
+    for args in declined:
+        assert ao._C.softmax(*args) is None
+    with RecordingMode():
+        assert ao._C.softmax(x, -1, 1.0, True) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ao._C.softmax(x, -1, 1.0, True) is None
     with pytest.raises(IndexError):
         ao._C.softmax(x, 2, 1.0, True)
     with pytest.raises(RuntimeError, match="temperature"):
         ao._C.softmax(x, -1, 1e-40, True)
     with pytest.raises(IndexError, match="alchemy_ops: dim 2 is out of range"):
         ao.log_softmax(x, 2)
+    with pytest.raises(TypeError, match="temperature must be a Python number"):
+        ao.log_softmax(x, -1, temperature=True)
 
 
 @pytest.mark.parametrize("fn", [ao.softmax, ao.log_softmax], ids=["softmax", "log_softmax"])

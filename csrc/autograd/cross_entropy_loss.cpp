@@ -270,6 +270,10 @@ struct CrossEntropyLossFunction : public torch::autograd::Function<CrossEntropyL
                                                            "")
                                         .typed<decltype(cross_entropy_loss_backward<kTriton>)>();
     if (ctx->needs_input_grad(0)) {
+      // Without create_graph nothing below needs recording: skip the Autograd key (the operator's
+      // fallback kernel and the per-position op's, a share of a small loss's backward).
+      std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
+      if (!at::GradMode::is_enabled()) below_autograd.emplace();
       out[0] = backward_op.call(grads[0], input, target, weight.defined() ? std::optional<at::Tensor>(weight) : std::nullopt,
                                 lse, denominators, reduction, ignore_index, label_smoothing, z_loss, softcap);
     }

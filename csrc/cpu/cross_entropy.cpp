@@ -142,7 +142,7 @@ void for_each_position(const CrossEntropyProblem& p, PositionPath path, const Bo
     gather_capped(xr, p.xs.cls, softcap, C, buf.z.data());
     with_target(static_cast<const acc_t*>(buf.z.data()));
   };
-  const int64_t grain = std::max<int64_t>(1, 32768 / C);  // ~32K elements per task
+  const int64_t grain = std::max<int64_t>(1, kElementsPerTask / C);
   if (path == PositionPath::Rows) {
     at::parallel_for(0, p.rows(), grain, [&](int64_t begin, int64_t end) {
       RowBuffers<acc_t>& buf = row_buffers<acc_t>(C);

@@ -14,6 +14,10 @@ namespace alchemy::cpu {
 // and then exponentiated, so one exp per element and one rescale per step.
 constexpr int kVecsPerStep = 8;
 
+// Elements per parallel task of the row kernels: a second thread pays off from a few thousand
+// elements (an OpenMP fork costs microseconds); a smaller problem runs inline on the caller.
+constexpr int64_t kElementsPerTask = 4096;
+
 // Adds the N vectors at x to lane sums kept under `stats.max` (the row max so far).
 // If `kept` is set, also stores there each exp((x - stats.max) * inv_t) it computed.
 template <int N, typename scalar_t>

@@ -5,6 +5,7 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include <alchemy/online_softmax.h>
@@ -44,6 +45,55 @@ void softmax_row_kept_exp(const in_t* x, acc_type<in_t>* y, int64_t C, acc_type<
   for (; c < C; ++c) y[c] = softmax_output<false>(static_cast<acc_t>(x[c]), k, inv_t);
 }
 
+// Softmax rows that fit in L1 with their output take ATen's three passes instead: the max, then
+// exp(x - max) into y with its sum, then y / sum. On rows of a few hundred classes the online
+// steps' bookkeeping (a step max, a rescale exp and a saved max per 64 elements) costs more than
+// the extra pass over L1.
+constexpr int64_t kThreePassMaxClasses = 2048;
+
+template <typename in_t>
+void softmax_row_three_pass(const in_t* x, acc_type<in_t>* y, int64_t C, acc_type<in_t> inv_t) {
+  using acc_t = acc_type<in_t>;
+  using Vec = AccVec<in_t>;
+  constexpr int64_t kVec = Vec::size();
+  constexpr int kAcc = 4;  // independent maxima: one would serialize on the max latency
+  const Vec ninf(neg_inf<acc_t>());
+  Vec vmax[kAcc] = {ninf, ninf, ninf, ninf};
+  int64_t c = 0;
+  for (; c + kAcc * kVec <= C; c += kAcc * kVec) {
+    ALCHEMY_UNROLL
+    for (int j = 0; j < kAcc; ++j) vmax[j] = running_max(vmax[j], load_acc(x + c + j * kVec));
+  }
+  for (; c + kVec <= C; c += kVec) vmax[0] = running_max(vmax[0], load_acc(x + c));
+  acc_t max = reduce_max(running_max(running_max(vmax[0], vmax[1]), running_max(vmax[2], vmax[3])));
+  for (; c < C; ++c) max = nan_max(max, static_cast<acc_t>(x[c]));
+  if (degenerate(max)) {  // max NaN or +-inf: the whole row is NaN, as in PyTorch
+    std::fill(y, y + C, std::numeric_limits<acc_t>::quiet_NaN());
+    return;
+  }
+  // A NaN that running_max dropped reaches the sum through fast_exp, and every output through 1/sum.
+  const Vec shift(max), vinv(inv_t);
+  Vec vsum(0);
+  for (c = 0; c + kVec <= C; c += kVec) {
+    const Vec e = fast_exp((load_acc(x + c) - shift) * vinv);
+    e.store(y + c);
+    vsum += e;
+  }
+  acc_t sum = reduce_sum(vsum);
+  for (; c < C; ++c) sum += y[c] = exp_acc((static_cast<acc_t>(x[c]) - max) * inv_t);
+  const acc_t inv_sum = acc_t(1) / sum;
+  const Vec vinv_sum(inv_sum);
+  for (c = 0; c + kVec <= C; c += kVec) (Vec::loadu(y + c) * vinv_sum).store(y + c);
+  for (; c < C; ++c) y[c] *= inv_sum;
+}
+
+// A softmax row in the accumulation dtype, for rows up to kKeptExpMaxClasses.
+template <typename in_t>
+void softmax_row_in_cache(const in_t* x, acc_type<in_t>* y, int64_t C, acc_type<in_t> inv_t) {
+  if (C <= kThreePassMaxClasses) return softmax_row_three_pass(x, y, C, inv_t);
+  softmax_row_kept_exp(x, y, C, inv_t);
+}
+
 template <typename in_t, typename out_t, bool kLog>
 void forward_row(const in_t* x, out_t* y, int64_t C, acc_type<in_t> inv_t) {
   using acc_t = acc_type<in_t>;
@@ -51,11 +101,11 @@ void forward_row(const in_t* x, out_t* y, int64_t C, acc_type<in_t> inv_t) {
   constexpr int64_t kVec = Vec::size();
   if constexpr (!kLog) {
     if (C <= kKeptExpMaxClasses) {
-      if constexpr (std::is_same_v<out_t, acc_t>) return softmax_row_kept_exp(x, y, C, inv_t);
+      if constexpr (std::is_same_v<out_t, acc_t>) return softmax_row_in_cache(x, y, C, inv_t);
       // bf16/fp16 output: the exps are kept in an fp32 row (L2-resident) and rounded once.
       thread_local std::vector<acc_t> row;
       row.resize(C);
-      softmax_row_kept_exp(x, row.data(), C, inv_t);
+      softmax_row_in_cache(x, row.data(), C, inv_t);
       int64_t c = 0;
       for (; c + kVec <= C; c += kVec) store_acc(y + c, Vec::loadu(row.data() + c));
       for (; c < C; ++c) y[c] = static_cast<out_t>(row[c]);
@@ -175,6 +225,34 @@ void backward_lanes(const scalar_t* dy, const scalar_t* y, scalar_t* dx, int64_t
   }
 }
 
+// kVec rows of C <= kTransposedMaxClasses classes, one per lane of buf (class c at buf + c * kVec),
+// in place. The block is in L1, so a max pass, an exp-and-sum pass and an output pass cost less
+// than forward_lanes' online steps: one exp per element (softmax keeps it in buf), no rescales.
+template <typename acc_t, bool kLog>
+void forward_lanes_in_l1(acc_t* buf, int64_t C, acc_t inv_t) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t kVec = Vec::size();
+  const Vec vinv(inv_t), inf(std::numeric_limits<acc_t>::infinity());
+  Vec vmax(-std::numeric_limits<acc_t>::infinity());
+  for (int64_t c = 0; c < C; ++c) vmax = running_max(vmax, Vec::loadu(buf + c * kVec));
+  // Lane-wise output_constants: NaN for degenerate lanes (max NaN or +-inf).
+  const Vec shift = Vec::blendv(Vec(std::numeric_limits<acc_t>::quiet_NaN()), vmax, vmax.abs() < inf);
+  Vec vsum(0);
+  for (int64_t c = 0; c < C; ++c) {
+    const Vec e = fast_exp((Vec::loadu(buf + c * kVec) - shift) * vinv);
+    vsum += e;
+    if constexpr (!kLog) e.store(buf + c * kVec);
+  }
+  if constexpr (kLog) {
+    const Vec log_sum = vsum.log();
+    for (int64_t c = 0; c < C; ++c)
+      ((Vec::loadu(buf + c * kVec) - shift) * vinv - log_sum).store(buf + c * kVec);
+  } else {
+    const Vec inv_sum = vsum.reciprocal();
+    for (int64_t c = 0; c < C; ++c) (Vec::loadu(buf + c * kVec) * inv_sum).store(buf + c * kVec);
+  }
+}
+
 // One row at any stride: the scalar remainder of the lanes path.
 template <typename in_t, typename out_t, bool kLog>
 void forward_strided(const in_t* x, out_t* y, int64_t C, int64_t xs, int64_t ys,
@@ -222,14 +300,15 @@ template <size_t N, int64_t kVec, typename BlockFn>
 void for_each_row_block(const RowPlan<N>& plan, const BlockFn& block) {
   const RowGeometry& g = plan.geometry;
   const int64_t blocks = (g.rows() + kVec - 1) / kVec;
-  const int64_t grain = std::max<int64_t>(1, 32768 / (std::max<int64_t>(g.classes, 1) * kVec));
+  const int64_t grain = std::max<int64_t>(1, kElementsPerTask / (std::max<int64_t>(g.classes, 1) * kVec));
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
     RowBlock<N, kVec> b;
     for (int64_t i = begin; i < end; ++i) {
       const int64_t r0 = i * kVec;
       b.rows = std::min(kVec, g.rows() - r0);
       for (int64_t l = 0; l < b.rows; ++l) {
-        const int64_t o = (r0 + l) / g.inner, in = (r0 + l) % g.inner;
+        // inner == 1 (rows along the last dim) spares two 64-bit divisions per row.
+        const int64_t r = r0 + l, o = g.inner == 1 ? r : r / g.inner, in = g.inner == 1 ? 0 : r % g.inner;
         for (size_t k = 0; k < N; ++k) b.off[k][l] = o * plan.strides[k].outer + in * plan.strides[k].inner;
       }
       block(b);
@@ -251,18 +330,17 @@ void for_each_row(const RowPlan<N>& plan, const RowFn& row, const LanesFn& lanes
     for (size_t k = 0; k < N; ++k) off[k] = o * plan.strides[k].outer + i * plan.strides[k].inner;
     return off;
   };
-  // ~32K elements per task keeps scheduling overhead negligible for short rows.
   const int64_t work_per_row = std::max<int64_t>(g.classes, 1);
   if (plan.path == RowPath::Rows) {
-    const int64_t grain = std::max<int64_t>(1, 32768 / work_per_row);
+    const int64_t grain = std::max<int64_t>(1, kElementsPerTask / work_per_row);
     at::parallel_for(0, g.rows(), grain, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) row(offsets(r / g.inner, r % g.inner));
+      for (int64_t r = begin; r < end; ++r) row(g.inner == 1 ? offsets(r, 0) : offsets(r / g.inner, r % g.inner));
     });
     return;
   }
   constexpr int64_t kSpan = kLanesWide * kVec;
   const int64_t blocks = (g.inner + kSpan - 1) / kSpan;
-  const int64_t grain = std::max<int64_t>(1, 32768 / (work_per_row * kSpan));
+  const int64_t grain = std::max<int64_t>(1, kElementsPerTask / (work_per_row * kSpan));
   at::parallel_for(0, g.outer * blocks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t o = t / blocks;
@@ -292,7 +370,7 @@ void launch_forward(const RowPlan<2>& plan, const at::Tensor& x, at::Tensor& y, 
       for_each_row_block<2, kVec>(plan, [&](const RowBlock<2, kVec>& b) {
         alignas(64) acc_t buf[kTransposedMaxClasses * kVec];
         load_transposed<kVec>(xp, 1, b.off[0], b.rows, C, buf);
-        forward_lanes<acc_t, acc_t, kLog, 1>(buf, buf, C, kVec, kVec, inv_t);  // in place: y_c after x_c is read
+        forward_lanes_in_l1<acc_t, kLog>(buf, C, inv_t);
         store_transposed<kVec>(buf, b.rows, C, yp, 1, b.off[1]);
       });
       return;
