@@ -2,7 +2,6 @@
 // One-read online-softmax statistics of a contiguous row, vectorized: shared by the
 // softmax and cross-entropy CPU kernels.
 #include <type_traits>
-#include <vector>
 
 #include <alchemy/online_softmax.h>
 
@@ -16,13 +15,12 @@ constexpr int kVecsPerStep = 8;
 
 // Elements per parallel task of the row kernels: a second thread pays off from a few thousand
 // elements (an OpenMP fork costs microseconds); a smaller problem runs inline on the caller.
-constexpr int64_t kElementsPerTask = 4096;
+constexpr int64_t kElementsPerTask = 1024;
 
 // Adds the N vectors at x to lane sums kept under `stats.max` (the row max so far).
-// If `kept` is set, also stores there each exp((x - stats.max) * inv_t) it computed.
 template <int N, typename scalar_t>
 inline void stats_step(const scalar_t* x, SoftmaxStats<acc_type<scalar_t>>& stats, AccVec<scalar_t>& vsum,
-                       acc_type<scalar_t> inv_t, acc_type<scalar_t>* kept) {
+                       acc_type<scalar_t> inv_t) {
   using acc_t = acc_type<scalar_t>;
   using Vec = AccVec<scalar_t>;
   Vec v[N];
@@ -43,10 +41,6 @@ inline void stats_step(const scalar_t* x, SoftmaxStats<acc_type<scalar_t>>& stat
     ALCHEMY_UNROLL
     for (int j = 0; j < N; ++j) v[j] = fast_exp((v[j] - shift) * vinv);
   }
-  if (kept != nullptr) {
-    ALCHEMY_UNROLL
-    for (int j = 0; j < N; ++j) v[j].store(kept + j * Vec::size());
-  }
   ALCHEMY_UNROLL
   for (int w = 1; w < N; w *= 2)  // pairwise: short dependency chains
     ALCHEMY_UNROLL
@@ -54,21 +48,15 @@ inline void stats_step(const scalar_t* x, SoftmaxStats<acc_type<scalar_t>>& stat
   vsum = vsum + v[0];
 }
 
-// Rows path: statistics of one contiguous row x[0..C). With `kept`, the exps of
-// the vectorized part are left in kept[0..) and the max after each step in step_max.
+// Rows path: statistics of one contiguous row x[0..C).
 template <typename scalar_t>
-inline SoftmaxStats<acc_type<scalar_t>> row_stats(const scalar_t* x, int64_t C, acc_type<scalar_t> inv_t,
-                                           acc_type<scalar_t>* kept = nullptr,
-                                           std::vector<acc_type<scalar_t>>* step_max = nullptr) {
+inline SoftmaxStats<acc_type<scalar_t>> row_stats(const scalar_t* x, int64_t C, acc_type<scalar_t> inv_t) {
   using acc_t = acc_type<scalar_t>;
   using Vec = AccVec<scalar_t>;
   constexpr int64_t kVec = Vec::size();
   SoftmaxStats<acc_t> stats = empty_stats<acc_t>();
   Vec vsum(0);
-  auto step = [&](auto n, int64_t c) {
-    stats_step<decltype(n)::value>(x + c, stats, vsum, inv_t, kept ? kept + c : nullptr);
-    if (step_max) step_max->push_back(stats.max);
-  };
+  auto step = [&](auto n, int64_t c) { stats_step<decltype(n)::value>(x + c, stats, vsum, inv_t); };
   int64_t c = 0;
   for (; c + kVecsPerStep * kVec <= C; c += kVecsPerStep * kVec) step(std::integral_constant<int, kVecsPerStep>{}, c);
   for (; c + kVec <= C; c += kVec) step(std::integral_constant<int, 1>{}, c);

@@ -19,38 +19,12 @@
 namespace alchemy::cpu {
 namespace {
 
-// Softmax rows that fit in L2 with their output: the statistics pass leaves
-// exp(x - running max) in y, so the output pass is one multiply per element
-// (a per-step rescale) instead of re-reading x and another exp.
-constexpr int64_t kKeptExpMaxClasses = 32768;
-
-template <typename in_t>
-void softmax_row_kept_exp(const in_t* x, acc_type<in_t>* y, int64_t C, acc_type<in_t> inv_t) {
-  using acc_t = acc_type<in_t>;
-  using Vec = AccVec<in_t>;
-  constexpr int64_t kVec = Vec::size();
-  thread_local std::vector<acc_t> step_max;
-  step_max.clear();
-  const SoftmaxStats<acc_t> stats = row_stats(x, C, inv_t, y, &step_max);
-  const SoftmaxOutput<acc_t> k = output_constants(stats);  // NaN for degenerate rows
-  int64_t c = 0;
-  size_t step = 0;
-  auto rescale = [&](int64_t vecs) {  // the steps of row_stats, in the same order
-    // A step whose max was -inf kept only zeros: rescale_factor is 0, never inf.
-    const Vec factor(rescale_factor(step_max[step++], stats.max, inv_t) * k.inv_sum);
-    for (int64_t end = c + vecs * kVec; c < end; c += kVec) (Vec::loadu(y + c) * factor).store(y + c);
-  };
-  while (c + kVecsPerStep * kVec <= C) rescale(kVecsPerStep);
-  while (c + kVec <= C) rescale(1);
-  for (; c < C; ++c) y[c] = softmax_output<false>(static_cast<acc_t>(x[c]), k, inv_t);
-}
-
-// Softmax rows that fit in L1 with their output take ATen's three passes instead: the max, then
-// exp(x - max) into y with its sum, then y / sum. On rows of a few hundred classes the online
-// steps' bookkeeping (a step max, a rescale exp and a saved max per 64 elements) costs more than
-// the extra pass over L1.
-constexpr int64_t kThreePassMaxClasses = 2048;
-
+// A softmax row in ATen's three passes: the max, then exp(x - max) into y with its sum, then
+// y / sum. One exp per element: the online statistics pass of log-softmax (below) followed by an
+// output pass would take two, and softmax is compute-bound here up to rows of 2^18 classes
+// (measured on AVX2: [64, 262144] 26.7 ms against 36.1 ms, [4096, 32000] 194 ms against 201 ms
+// for keeping the online pass's exps and rescaling them). The second and third passes mostly hit
+// the cache the first one filled.
 template <typename in_t>
 void softmax_row_three_pass(const in_t* x, acc_type<in_t>* y, int64_t C, acc_type<in_t> inv_t) {
   using acc_t = acc_type<in_t>;
@@ -87,40 +61,33 @@ void softmax_row_three_pass(const in_t* x, acc_type<in_t>* y, int64_t C, acc_typ
   for (; c < C; ++c) y[c] *= inv_sum;
 }
 
-// A softmax row in the accumulation dtype, for rows up to kKeptExpMaxClasses.
-template <typename in_t>
-void softmax_row_in_cache(const in_t* x, acc_type<in_t>* y, int64_t C, acc_type<in_t> inv_t) {
-  if (C <= kThreePassMaxClasses) return softmax_row_three_pass(x, y, C, inv_t);
-  softmax_row_kept_exp(x, y, C, inv_t);
-}
-
 template <typename in_t, typename out_t, bool kLog>
 void forward_row(const in_t* x, out_t* y, int64_t C, acc_type<in_t> inv_t) {
   using acc_t = acc_type<in_t>;
   using Vec = AccVec<in_t>;
   constexpr int64_t kVec = Vec::size();
-  if constexpr (!kLog) {
-    if (C <= kKeptExpMaxClasses) {
-      if constexpr (std::is_same_v<out_t, acc_t>) return softmax_row_in_cache(x, y, C, inv_t);
-      // bf16/fp16 output: the exps are kept in an fp32 row (L2-resident) and rounded once.
-      thread_local std::vector<acc_t> row;
-      row.resize(C);
-      softmax_row_in_cache(x, row.data(), C, inv_t);
-      int64_t c = 0;
-      for (; c + kVec <= C; c += kVec) store_acc(y + c, Vec::loadu(row.data() + c));
-      for (; c < C; ++c) y[c] = static_cast<out_t>(row[c]);
-      return;
+  if constexpr (kLog) {
+    // One online statistics pass, then y = (x - max) * inv_t - log(sum): no exp in the output pass.
+    const SoftmaxOutput<acc_t> k = output_constants(row_stats(x, C, inv_t));
+    // A degenerate row has NaN constants, which the products below carry to every output.
+    const Vec shift(k.shift), vinv(inv_t), neg_log_sum(-k.log_sum);
+    int64_t c = 0;
+    for (; c + kVec <= C; c += kVec) {
+      const Vec d = load_acc(x + c) - shift;  // exact near the max, unlike x * inv_t - shift * inv_t
+      store_acc(y + c, at::vec::fmadd(d, vinv, neg_log_sum));
     }
+    for (; c < C; ++c) y[c] = static_cast<out_t>(softmax_output<true>(static_cast<acc_t>(x[c]), k, inv_t));
+  } else if constexpr (std::is_same_v<out_t, acc_t>) {
+    softmax_row_three_pass(x, y, C, inv_t);
+  } else {
+    // bf16/fp16 output: the exps go to an fp32 row (cache-resident) and are rounded once.
+    thread_local std::vector<acc_t> row;
+    row.resize(C);
+    softmax_row_three_pass(x, row.data(), C, inv_t);
+    int64_t c = 0;
+    for (; c + kVec <= C; c += kVec) store_acc(y + c, Vec::loadu(row.data() + c));
+    for (; c < C; ++c) y[c] = static_cast<out_t>(row[c]);
   }
-  const SoftmaxOutput<acc_t> k = output_constants(row_stats(x, C, inv_t));
-  // A degenerate row has NaN constants, which the products below carry to every output.
-  const Vec shift(k.shift), vinv(inv_t), neg_log_sum(-k.log_sum), inv_sum(k.inv_sum);
-  int64_t c = 0;
-  for (; c + kVec <= C; c += kVec) {
-    const Vec d = load_acc(x + c) - shift;  // exact near the max, unlike x * inv_t - shift * inv_t
-    store_acc(y + c, kLog ? at::vec::fmadd(d, vinv, neg_log_sum) : fast_exp(d * vinv) * inv_sum);
-  }
-  for (; c < C; ++c) y[c] = static_cast<out_t>(softmax_output<kLog>(static_cast<acc_t>(x[c]), k, inv_t));
 }
 
 template <typename scalar_t, bool kLog>
@@ -225,31 +192,52 @@ void backward_lanes(const scalar_t* dy, const scalar_t* y, scalar_t* dx, int64_t
   }
 }
 
-// kVec rows of C <= kTransposedMaxClasses classes, one per lane of buf (class c at buf + c * kVec),
-// in place. The block is in L1, so a max pass, an exp-and-sum pass and an output pass cost less
-// than forward_lanes' online steps: one exp per element (softmax keeps it in buf), no rescales.
-template <typename acc_t, bool kLog>
-void forward_lanes_in_l1(acc_t* buf, int64_t C, acc_t inv_t) {
-  using Vec = at::vec::Vectorized<acc_t>;
+// The lanes path in three passes, for blocks that stay in cache between them (C up to
+// kLanesThreePassMaxClasses): the max, exp(x - max) with its sum (kept in y for an fp32/fp64
+// softmax), then the output. One exp per element, against forward_lanes' online steps (a rescale
+// exp per step, and for softmax the exps again in the output pass). x and y may be the same
+// buffer: each pass reads class c of x before it writes class c of y.
+constexpr int64_t kLanesThreePassMaxClasses = 2048;
+
+template <typename in_t, typename out_t, bool kLog, int W>
+void forward_lanes_three_pass(const in_t* x, out_t* y, int64_t C, int64_t xs, int64_t ys, acc_type<in_t> inv_t) {
+  using acc_t = acc_type<in_t>;
+  using Vec = AccVec<in_t>;
   constexpr int64_t kVec = Vec::size();
-  const Vec vinv(inv_t), inf(std::numeric_limits<acc_t>::infinity());
-  Vec vmax(-std::numeric_limits<acc_t>::infinity());
-  for (int64_t c = 0; c < C; ++c) vmax = running_max(vmax, Vec::loadu(buf + c * kVec));
-  // Lane-wise output_constants: NaN for degenerate lanes (max NaN or +-inf).
-  const Vec shift = Vec::blendv(Vec(std::numeric_limits<acc_t>::quiet_NaN()), vmax, vmax.abs() < inf);
-  Vec vsum(0);
+  constexpr bool kKeepExp = !kLog && std::is_same_v<out_t, acc_t>;
+  const Vec vinv(inv_t), inf(std::numeric_limits<acc_t>::infinity()), nan(std::numeric_limits<acc_t>::quiet_NaN());
+  Vec shift[W], vsum[W];
+  ALCHEMY_UNROLL
+  for (int w = 0; w < W; ++w) shift[w] = Vec(-std::numeric_limits<acc_t>::infinity()), vsum[w] = Vec(0);
   for (int64_t c = 0; c < C; ++c) {
-    const Vec e = fast_exp((Vec::loadu(buf + c * kVec) - shift) * vinv);
-    vsum += e;
-    if constexpr (!kLog) e.store(buf + c * kVec);
+    ALCHEMY_UNROLL
+    for (int w = 0; w < W; ++w) shift[w] = running_max(shift[w], load_acc(x + w * kVec + c * xs));
   }
-  if constexpr (kLog) {
-    const Vec log_sum = vsum.log();
-    for (int64_t c = 0; c < C; ++c)
-      ((Vec::loadu(buf + c * kVec) - shift) * vinv - log_sum).store(buf + c * kVec);
-  } else {
-    const Vec inv_sum = vsum.reciprocal();
-    for (int64_t c = 0; c < C; ++c) (Vec::loadu(buf + c * kVec) * inv_sum).store(buf + c * kVec);
+  // Lane-wise output_constants: NaN for degenerate lanes (max NaN or +-inf).
+  ALCHEMY_UNROLL
+  for (int w = 0; w < W; ++w) shift[w] = Vec::blendv(nan, shift[w], shift[w].abs() < inf);
+  for (int64_t c = 0; c < C; ++c) {
+    ALCHEMY_UNROLL
+    for (int w = 0; w < W; ++w) {
+      const Vec e = fast_exp((load_acc(x + w * kVec + c * xs) - shift[w]) * vinv);
+      vsum[w] += e;
+      if constexpr (kKeepExp) e.store(y + w * kVec + c * ys);
+    }
+  }
+  Vec out_const[W];  // log_sum for log-softmax, inv_sum for softmax
+  ALCHEMY_UNROLL
+  for (int w = 0; w < W; ++w) out_const[w] = kLog ? vsum[w].log() : vsum[w].reciprocal();
+  for (int64_t c = 0; c < C; ++c) {
+    ALCHEMY_UNROLL
+    for (int w = 0; w < W; ++w) {
+      out_t* yc = y + w * kVec + c * ys;
+      if constexpr (kKeepExp) {
+        (Vec::loadu(yc) * out_const[w]).store(yc);
+      } else {
+        const Vec z = (load_acc(x + w * kVec + c * xs) - shift[w]) * vinv;
+        store_acc(yc, kLog ? z - out_const[w] : fast_exp(z) * out_const[w]);
+      }
+    }
   }
 }
 
@@ -370,7 +358,7 @@ void launch_forward(const RowPlan<2>& plan, const at::Tensor& x, at::Tensor& y, 
       for_each_row_block<2, kVec>(plan, [&](const RowBlock<2, kVec>& b) {
         alignas(64) acc_t buf[kTransposedMaxClasses * kVec];
         load_transposed<kVec>(xp, 1, b.off[0], b.rows, C, buf);
-        forward_lanes_in_l1<acc_t, kLog>(buf, C, inv_t);
+        forward_lanes_three_pass<acc_t, acc_t, kLog, 1>(buf, buf, C, kVec, kVec, inv_t);
         store_transposed<kVec>(buf, b.rows, C, yp, 1, b.off[1]);
       });
       return;
@@ -384,7 +372,11 @@ void launch_forward(const RowPlan<2>& plan, const at::Tensor& x, at::Tensor& y, 
             forward_strided<in_t, out_t, kLog>(xp + off[0], yp + off[1], C, xs, ys, inv_t);
         },
         [&](const std::array<int64_t, 2>& off, auto wide) {
-          forward_lanes<in_t, out_t, kLog, decltype(wide)::value>(xp + off[0], yp + off[1], C, xs, ys, inv_t);
+          constexpr int W = decltype(wide)::value;
+          if (C <= kLanesThreePassMaxClasses)
+            forward_lanes_three_pass<in_t, out_t, kLog, W>(xp + off[0], yp + off[1], C, xs, ys, inv_t);
+          else
+            forward_lanes<in_t, out_t, kLog, W>(xp + off[0], yp + off[1], C, xs, ys, inv_t);
         });
   };
   log ? run(std::true_type{}) : run(std::false_type{});
