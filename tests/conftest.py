@@ -138,3 +138,21 @@ class RecordingMode(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         self.calls.append(func)
         return func(*args, **(kwargs or {}))
+
+
+def backward_under_compiled_autograd(loss_fn) -> list[str]:
+    """Runs ``loss_fn().backward()`` under compiled autograd (as
+    ``torch._dynamo.config.compiled_autograd = True`` does in a compiled training step) and returns
+    the code of the backward graphs it captured: a node that compiled autograd cannot trace shows
+    up as a missing call or an error."""
+    from torch._dynamo import compiled_autograd
+
+    graphs = []
+
+    def compiler(gm):
+        graphs.append(gm.code)
+        return torch.compile(gm, backend="eager", fullgraph=True)
+
+    with compiled_autograd._enable(compiler):
+        loss_fn().backward()
+    return graphs

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, gradcheck, to_device
+from conftest import assert_close, backward_under_compiled_autograd, gradcheck, to_device
 
 import alchemy_ops as ao
 from alchemy_ops import reference
@@ -366,6 +366,33 @@ def test_torch_compile_training_step_fullgraph(backend_name, device):
     torch.testing.assert_close(compiled_loss, eager_loss)
     for p, g in zip(model.parameters(), eager_grads, strict=True):
         torch.testing.assert_close(p.grad, g)
+
+
+@pytest.mark.parametrize("backend_name", ["cpp", "triton"])
+def test_compiled_autograd_traces_the_loss_node(backend_name):
+    """Compiled autograd records the loss's C++ node as one call of its backward (class weights,
+    label smoothing, z-loss, a probability target that requires grad) and gets PyTorch's gradients."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, dtype=torch.double, requires_grad=True)
+    t = torch.randint(0, 5, (6,))
+    p = torch.softmax(torch.randn(6, 5, dtype=torch.double), 1).requires_grad_()
+    w = torch.rand(5, dtype=torch.double) + 0.5
+    for target in (t, p):
+        with ao.backend(backend_name):
+            graphs = backward_under_compiled_autograd(
+                lambda target=target: ao.cross_entropy(x * 1.5, target, weight=w, label_smoothing=0.1)
+            )
+        ours = (x.grad.clone(), p.grad.clone() if target is p else None)
+        x.grad = p.grad = None
+        F.cross_entropy(x * 1.5, target, weight=w, label_smoothing=0.1).backward()
+        node = (
+            "AlchemyTritonCrossEntropyLossBackward" if backend_name == "triton" else "AlchemyCrossEntropyLossBackward"
+        )
+        assert len(graphs) == 1 and node in graphs[0]
+        torch.testing.assert_close(ours[0], x.grad)
+        if target is p:
+            torch.testing.assert_close(ours[1], p.grad)
+        x.grad = p.grad = None
 
 
 # ---- nn.CrossEntropyLoss ----------------------------------------------------------------------

@@ -6,7 +6,15 @@ import math
 
 import pytest
 import torch
-from conftest import TOLERANCES, RecordedTensor, RecordingMode, assert_close, gradcheck, gradgradcheck
+from conftest import (
+    TOLERANCES,
+    RecordedTensor,
+    RecordingMode,
+    assert_close,
+    backward_under_compiled_autograd,
+    gradcheck,
+    gradgradcheck,
+)
 
 import alchemy_ops as ao
 
@@ -199,6 +207,23 @@ def test_torch_compile_fullgraph(backend, device):
     compiled_out.backward()
     torch.testing.assert_close(compiled_out, eager_out)
     torch.testing.assert_close(xc.grad, xe.grad)
+
+
+@pytest.mark.parametrize("log", [False, True])
+def test_compiled_autograd_traces_the_softmax_node(backend, log):
+    """Compiled autograd records the C++ node as one call of its backward, with PyTorch's gradient
+    (fp16 input with dtype=float32: the gradient comes back in fp16)."""
+    x = _make((5, 7), torch.float16, "cpu").requires_grad_()
+    fn = ao.log_softmax if log else ao.softmax
+    weights = torch.randn(5, 7, dtype=torch.float64)
+    graphs = backward_under_compiled_autograd(lambda: (fn(x, 1, dtype=torch.float32, temperature=0.7) * weights).sum())
+    x64 = x.detach().double().requires_grad_()
+    ((torch.log_softmax if log else torch.softmax)(x64 / 0.7, 1) * weights).sum().backward()
+    assert x.grad.dtype == torch.float16
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=2e-3, rtol=2e-3)
+    if backend != "reference":
+        node = "AlchemyTritonSoftmaxBackward" if backend == "triton" else "AlchemySoftmaxBackward"
+        assert len(graphs) == 1 and node in graphs[0]
 
 
 @pytest.mark.parametrize("temperature", [0.0, -1.0, math.inf, math.nan, 1e-40])

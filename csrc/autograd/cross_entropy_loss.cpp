@@ -3,7 +3,7 @@
 //
 // The per-position kernels (cross_entropy_forward / _backward, or their triton_ twins) are called
 // through the dispatcher, so one body serves both backends and every device. The autograd formula
-// is a C++ node (Autograd key): no Python runs per call. torch.compile traces through it like any
+// is a hand-written C++ node (Autograd key, node_support.h): no Python runs per call. torch.compile traces through it like any
 // C++ autograd kernel, with the fake kernels of alchemy_ops/_ops.py.
 //
 // z-loss reduction (as Liger-Kernel, and PaLM's per-token definition): with reduction "mean" the
@@ -11,10 +11,13 @@
 // the summed class weights W. The kernels add z * lse^2 to each position's loss, and the mean scales
 // every position by 1/W, so they run with z_k = z * W / n: sum_r (w ce_r + z_k lse_r^2) / W
 // = sum_r w ce_r / W + z sum_r lse_r^2 / n, in forward and backward alike.
+#include "node_support.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
 #include <array>
@@ -25,8 +28,9 @@
 namespace alchemy {
 namespace {
 
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
+using torch::dynamo::autograd::IValuePacker;
+using torch::dynamo::autograd::PackedArgs;
 
 enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };  // at::Reduction's values
 
@@ -238,53 +242,145 @@ const c10::TypedOperatorHandle<decltype(cross_entropy_loss<kTriton>)>& loss_op()
 }
 
 template <bool kTriton>
-struct CrossEntropyLossFunction : public torch::autograd::Function<CrossEntropyLossFunction<kTriton>> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& target,
-                               const std::optional<at::Tensor>& weight, int64_t reduction, int64_t ignore_index,
-                               double label_smoothing, double z_loss, double softcap, bool check_target) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, lse, denominators] = loss_op<kTriton>().call(input, target, weight, reduction, ignore_index,
-                                                             label_smoothing, z_loss, softcap, check_target);
-    ctx->save_for_backward({input, target, weight.value_or(at::Tensor()), lse, denominators});
-    // One saved_data entry, not five: each is a string-keyed hash insert, a measurable share of
-    // a small loss's per-call cost.
-    ctx->saved_data["options"] = std::make_tuple(reduction, ignore_index, label_smoothing, z_loss, softcap);
-    ctx->mark_non_differentiable({lse, denominators});
-    ctx->set_materialize_grads(false);  // lse and denominators never get a gradient: no zeros for them
-    return {loss, lse, denominators};
+const c10::TypedOperatorHandle<decltype(cross_entropy_loss_backward<kTriton>)>& loss_backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow(kTriton ? "alchemy_ops::triton_cross_entropy_loss_backward"
+                                                        : "alchemy_ops::cross_entropy_loss_backward",
+                                                "")
+                             .typed<decltype(cross_entropy_loss_backward<kTriton>)>();
+  return op;
+}
+
+// The backward formula, shared by the node and compiled autograd's functional call: the
+// gradients of input and (a probability) target.
+template <bool kTriton>
+variable_list cross_entropy_loss_grads(const variable_list& grads, std::array<bool, 2> needs_input_grad,
+                                       const at::Tensor& input, const at::Tensor& target,
+                                       const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                                       const at::Tensor& denominators, int64_t reduction, int64_t ignore_index,
+                                       double label_smoothing, double z_loss, double softcap) {
+  variable_list out(2);
+  if (!grads[0].defined()) return out;  // the loss was not used
+  if (needs_input_grad[0]) {
+    // Without create_graph nothing below needs recording: skip the Autograd key (the operator's
+    // fallback kernel and the per-position op's, a share of a small loss's backward).
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
+    if (!at::GradMode::is_enabled()) below_autograd.emplace();
+    out[0] = loss_backward_op<kTriton>().call(grads[0], input, target, weight, lse, denominators, reduction,
+                                              ignore_index, label_smoothing, z_loss, softcap);
+  }
+  if (needs_input_grad[1]) {  // a probability target that requires grad
+    const at::ScalarType acc = acc_dtype(input);
+    at::Tensor g = grads[0].to(acc);
+    if (reduction == kMean) g = g / denominators[0].to(acc);
+    const at::Tensor grad_positions = reduction == kNone ? g : g.expand(positions_shape(input));
+    out[1] = prob_target_grad(input, weight.value_or(at::Tensor()), lse, grad_positions, label_smoothing, softcap,
+                              target.scalar_type());
+  }
+  return out;
+}
+
+template <bool kTriton>
+variable_list cross_entropy_loss_grads_packed(const variable_list& grads, const std::vector<c10::IValue>& args) {
+  PackedArgs packed(args);
+  // Two bools, not std::array<bool, 2>, whose unpacking in PyTorch's header warns.
+  const auto needs_input_grad = packed.unpack<bool>();
+  const auto needs_target_grad = packed.unpack<bool>();
+  const auto input = packed.unpack<at::Tensor>();
+  const auto target = packed.unpack<at::Tensor>();
+  const auto weight = packed.unpack<std::optional<at::Tensor>>();
+  const auto lse = packed.unpack<at::Tensor>();
+  const auto denominators = packed.unpack<at::Tensor>();
+  const auto reduction = packed.unpack<int64_t>();
+  const auto ignore_index = packed.unpack<int64_t>();
+  const auto label_smoothing = packed.unpack<double>();
+  const auto z_loss = packed.unpack<double>();
+  const auto softcap = packed.unpack<double>();
+  return cross_entropy_loss_grads<kTriton>(grads, {needs_input_grad, needs_target_grad}, input, target, weight, lse, denominators, reduction,
+                                           ignore_index, label_smoothing, z_loss, softcap);
+}
+
+// The node of the loss output (lse and denominators are not differentiable); its edges are
+// (input, target). The class weights get no gradient, as in PyTorch.
+template <bool kTriton>
+struct CrossEntropyLossBackward final : torch::autograd::Node {
+  torch::autograd::SavedVariable input_, target_, weight_, lse_, denominators_;
+  int64_t reduction_ = kMean, ignore_index_ = -100;
+  double label_smoothing_ = 0, z_loss_ = 0, softcap_ = 0;
+
+  std::string name() const override {
+    return kTriton ? "AlchemyTritonCrossEntropyLossBackward" : "AlchemyCrossEntropyLossBackward";
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(9);
-    if (!grads[0].defined()) return out;  // the loss was not used
-    const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor &input = saved[0], &target = saved[1], &weight = saved[2], &lse = saved[3],
-                     &denominators = saved[4];
-    const auto options = ctx->saved_data["options"].toTuple();
-    const int64_t reduction = options->elements()[0].toInt(), ignore_index = options->elements()[1].toInt();
-    const double label_smoothing = options->elements()[2].toDouble(), z_loss = options->elements()[3].toDouble(),
-                 softcap = options->elements()[4].toDouble();
-    static const auto backward_op = c10::Dispatcher::singleton()
-                                        .findSchemaOrThrow(kTriton ? "alchemy_ops::triton_cross_entropy_loss_backward"
-                                                                   : "alchemy_ops::cross_entropy_loss_backward",
-                                                           "")
-                                        .typed<decltype(cross_entropy_loss_backward<kTriton>)>();
-    if (ctx->needs_input_grad(0)) {
-      // Without create_graph nothing below needs recording: skip the Autograd key (the operator's
-      // fallback kernel and the per-position op's, a share of a small loss's backward).
-      std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
-      if (!at::GradMode::is_enabled()) below_autograd.emplace();
-      out[0] = backward_op.call(grads[0], input, target, weight.defined() ? std::optional<at::Tensor>(weight) : std::nullopt,
-                                lse, denominators, reduction, ignore_index, label_smoothing, z_loss, softcap);
-    }
-    if (ctx->needs_input_grad(1)) {  // a probability target that requires grad
-      const at::ScalarType acc = acc_dtype(input);
-      at::Tensor g = grads[0].to(acc);
-      if (reduction == kMean) g = g / denominators[0].to(acc);
-      const at::Tensor grad_positions = reduction == kNone ? g : g.expand(positions_shape(input));
-      out[1] = prob_target_grad(input, weight, lse, grad_positions, label_smoothing, softcap, target.scalar_type());
-    }
-    return out;
+  std::optional<at::Tensor> weight() const {
+    at::Tensor w = weight_.unpack();
+    return w.defined() ? std::optional<at::Tensor>(std::move(w)) : std::nullopt;
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    return cross_entropy_loss_grads<kTriton>(
+        grads, {task_should_compute_output(0), task_should_compute_output(1)}, input_.unpack(), target_.unpack(),
+        weight(), lse_.unpack(), denominators_.unpack(), reduction_, ignore_index_, label_smoothing_, z_loss_,
+        softcap_);
+  }
+
+  void release_variables() override {
+    input_.reset_data();
+    target_.reset_data();
+    weight_.reset_data();
+    lse_.reset_data();
+    denominators_.reset_data();
+  }
+
+  void compiled_args(torch::autograd::CompiledNodeArgs& args) const override {
+    args.collect(input_, false);
+    args.collect(target_, false);
+    args.collect(weight_, false);
+    args.collect(lse_, false);
+    args.collect(denominators_, false);
+    args.collect(reduction_);
+    args.collect(ignore_index_);
+    args.collect(label_smoothing_);
+    args.collect(z_loss_);
+    args.collect(softcap_);
+  }
+
+  variable_list apply_with_saved(const variable_list& grads,
+                                 torch::autograd::SwapSavedVariables& saved) override {
+    saved.before(input_);
+    saved.before(target_);
+    saved.before(weight_);
+    saved.before(lse_);
+    saved.before(denominators_);
+    PackedArgs args;
+    args.pack(task_should_compute_output(0));
+    args.pack(task_should_compute_output(1));
+    args.pack(input_.unpack());
+    args.pack(target_.unpack());
+    args.pack(weight());
+    args.pack(lse_.unpack());
+    args.pack(denominators_.unpack());
+    args.pack(reduction_);
+    args.pack(ignore_index_);
+    args.pack(label_smoothing_);
+    args.pack(z_loss_);
+    args.pack(softcap_);
+    variable_list result = compiled_autograd_call(
+        *this, cross_entropy_loss_grads_packed<kTriton>,
+        {IValuePacker<bool>::packed_type(), IValuePacker<bool>::packed_type(), IValuePacker<at::Tensor>::packed_type(),
+         IValuePacker<at::Tensor>::packed_type(), IValuePacker<std::optional<at::Tensor>>::packed_type(),
+         IValuePacker<at::Tensor>::packed_type(), IValuePacker<at::Tensor>::packed_type(),
+         IValuePacker<int64_t>::packed_type(), IValuePacker<int64_t>::packed_type(),
+         IValuePacker<double>::packed_type(), IValuePacker<double>::packed_type(),
+         IValuePacker<double>::packed_type()},
+        args, saved, grads);
+    saved.after(input_);
+    saved.after(target_);
+    saved.after(weight_);
+    saved.after(lse_);
+    saved.after(denominators_);
+    return result;
   }
 };
 
@@ -292,15 +388,29 @@ template <bool kTriton>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_loss_autograd(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t reduction,
     int64_t ignore_index, double label_smoothing, double z_loss, double softcap, bool check_target) {
-  if (!at::GradMode::is_enabled() || !(input.requires_grad() || target.requires_grad())) {
-    // Nothing to record (evaluation, no_grad): no node, no saved tensors.
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
+  {
     at::AutoDispatchBelowADInplaceOrView guard;
-    return loss_op<kTriton>().call(input, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
-                                   check_target);
+    out = loss_op<kTriton>().call(input, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
+                                  check_target);
   }
-  variable_list out = CrossEntropyLossFunction<kTriton>::apply(input, target, weight, reduction, ignore_index,
-                                                               label_smoothing, z_loss, softcap, check_target);
-  return {out[0], out[1], out[2]};
+  // Nothing to record (evaluation, no_grad): no node, no saved tensors.
+  if (!torch::autograd::compute_requires_grad(input, target)) return out;
+  auto& [loss, lse, denominators] = out;
+  auto node = c10::make_intrusive<CrossEntropyLossBackward<kTriton>>();
+  node->set_next_edges(torch::autograd::collect_next_edges(input, target));
+  node->reduction_ = reduction;
+  node->ignore_index_ = ignore_index;
+  node->label_smoothing_ = label_smoothing;
+  node->z_loss_ = z_loss;
+  node->softcap_ = softcap;
+  torch::autograd::set_history(loss, node);
+  node->input_ = torch::autograd::SavedVariable(input, false);
+  node->target_ = torch::autograd::SavedVariable(target, false);
+  node->weight_ = torch::autograd::SavedVariable(weight.value_or(at::Tensor()), false);
+  node->lse_ = torch::autograd::SavedVariable(lse, false);
+  node->denominators_ = torch::autograd::SavedVariable(denominators, false);
+  return out;
 }
 
 }  // namespace
