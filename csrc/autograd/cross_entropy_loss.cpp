@@ -71,15 +71,23 @@ std::vector<int64_t> positions_shape(const at::Tensor& input) {
   return shape;
 }
 
+// The host pass over the class-index targets: W and n (below), and whether any index is bad.
+struct HostDenominators {
+  double weight_sum = 0;  // W: the mean's denominator
+  double count = 0;       // n: the non-ignored positions
+  bool any_bad = false;   // an index neither ignore_index nor in [0, C)
+};
+
 // (W, n): the mean's denominator (summed weight of the non-ignored class indices, their count
 // without weight, the number of positions for probability targets) and the non-ignored count.
-// A CPU loop (no tensor ops: this is most of a small loss's cost), or ATen ops on other devices.
-std::array<double, 2> host_denominators(const at::Tensor& input, const at::Tensor& target,
-                                        const std::optional<at::Tensor>& weight, int64_t ignore_index) {
+// One branch-free CPU loop (no tensor ops: this is most of a small loss's cost, and the target
+// check rides along, so the kernel need not read the targets again to check them).
+HostDenominators host_denominators(const at::Tensor& input, const at::Tensor& target,
+                                   const std::optional<at::Tensor>& weight, int64_t ignore_index) {
   const int64_t classes = input.dim() > 1 ? input.size(1) : input.size(0);
   if (at::isFloatingType(target.scalar_type())) {
     const double positions = static_cast<double>(target.numel() / std::max<int64_t>(classes, 1));
-    return {positions, positions};
+    return {positions, positions, false};
   }
   TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, "alchemy_ops: class-index target must be int64, got ",
                    target.scalar_type(), "; cast with .long()");
@@ -93,19 +101,36 @@ std::array<double, 2> host_denominators(const at::Tensor& input, const at::Tenso
     w = weight->to(at::kDouble).contiguous();
     ws = w.const_data_ptr<double>();
   }
-  using Sums = std::array<double, 2>;
-  return at::parallel_reduce(
-      0, t.numel(), 32768, Sums{0, 0},
-      [&](int64_t begin, int64_t end, Sums sums) {
-        for (int64_t r = begin; r < end; ++r) {
-          if (ts[r] == ignore_index) continue;
-          // An out-of-range index (unchecked) is clamped here only to stay in bounds; its loss is NaN.
-          sums[0] += ws ? ws[std::min(std::max<int64_t>(ts[r], 0), classes - 1)] : 1.0;
-          sums[1] += 1.0;
+  struct Sums {
+    double weight = 0;
+    int64_t count = 0;
+    bool any_bad = false;
+  };
+  const Sums sums = at::parallel_reduce(
+      0, t.numel(), 32768, Sums{},
+      [&](int64_t begin, int64_t end, Sums s) {
+        int64_t count = 0, bad = 0;
+        for (int64_t r = begin; r < end; ++r) {  // vectorized by the compiler: no branch, no float
+          const int64_t counted = ts[r] != ignore_index;
+          count += counted;
+          bad |= counted & static_cast<int64_t>(static_cast<uint64_t>(ts[r]) >= static_cast<uint64_t>(classes));
         }
-        return sums;
+        s.count += count;
+        s.any_bad |= bad != 0;
+        if (!ws) return s;
+        constexpr int kLanes = 8;  // independent partial sums: the adds need not wait for each other
+        double part[kLanes] = {};
+        for (int64_t r = begin; r < end; ++r) {
+          // A bad index reads class 0's weight only to stay in bounds; its loss is NaN (or it raises).
+          const bool in_range = static_cast<uint64_t>(ts[r]) < static_cast<uint64_t>(classes);
+          part[r % kLanes] += ts[r] != ignore_index ? ws[in_range ? ts[r] : 0] : 0.0;
+        }
+        for (const double p : part) s.weight += p;
+        return s;
       },
-      [](Sums a, Sums b) { return Sums{a[0] + b[0], a[1] + b[1]}; });
+      [](Sums a, const Sums& b) { return Sums{a.weight + b.weight, a.count + b.count, a.any_bad || b.any_bad}; });
+  const double count = static_cast<double>(sums.count);
+  return {ws ? sums.weight : count, count, sums.any_bad};
 }
 
 // The same as a tensor [2] on the target's device, without a host sync.
@@ -142,10 +167,17 @@ double position_loss_sum(const at::Tensor& loss) {
   return AT_DISPATCH_FLOATING_TYPES(loss.scalar_type(), "alchemy_loss_sum", [&] {
     const scalar_t* l = loss.const_data_ptr<scalar_t>();
     // Fixed chunks and a fixed combine order: the same sum every run with the same thread count.
+    // Eight partial sums per chunk, so that the adds need not wait for each other.
     return at::parallel_reduce(
         0, loss.numel(), 32768, 0.0,
         [&](int64_t begin, int64_t end, double sum) {
-          for (int64_t r = begin; r < end; ++r) sum += static_cast<double>(l[r]);
+          constexpr int kLanes = 8;
+          double part[kLanes] = {};
+          int64_t r = begin;
+          for (; r + kLanes <= end; r += kLanes)
+            for (int j = 0; j < kLanes; ++j) part[j] += static_cast<double>(l[r + j]);
+          for (; r < end; ++r) sum += static_cast<double>(l[r]);
+          for (const double p : part) sum += p;
           return sum;
         },
         [](double a, double b) { return a + b; });
@@ -171,9 +203,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_loss(const at::Tens
   const bool on_cpu = input.device().is_cpu();
   at::Tensor denominators;
   if (on_cpu) {
-    const std::array<double, 2> d = host_denominators(input, target, weight, ignore_index);
+    const HostDenominators d = host_denominators(input, target, weight, ignore_index);
     denominators = at::empty({2}, input.options().dtype(at::kDouble));
-    std::copy(d.begin(), d.end(), denominators.mutable_data_ptr<double>());
+    denominators.mutable_data_ptr<double>()[0] = d.weight_sum;
+    denominators.mutable_data_ptr<double>()[1] = d.count;
+    check_target = check_target && d.any_bad;  // then the kernel's check raises, with its message
   } else {
     denominators = device_denominators(input, target, weight, ignore_index);
   }

@@ -110,19 +110,34 @@ PositionPath position_path(const CrossEntropyProblem& p, const RowStrides* out) 
   return lanes ? PositionPath::Lanes : PositionPath::Rows;
 }
 
+// The problem's data pointers, taken once per launch (each const_data_ptr call checks storage
+// and dtype: a share of a few-class block's cost if taken per block).
+template <typename scalar_t>
+struct Operands {
+  const scalar_t* x;
+  const int64_t* targets;  // class indices, or nullptr
+  const scalar_t* probs;   // probability targets, or nullptr
+
+  explicit Operands(const CrossEntropyProblem& p)
+      : x(p.x.const_data_ptr<scalar_t>()),
+        targets(p.soft ? nullptr : p.target.const_data_ptr<int64_t>()),
+        probs(p.soft ? p.target.const_data_ptr<scalar_t>() : nullptr) {}
+};
+
 // Runs body(r, kind, y, z_row, t_row) over every position in parallel, with z_row the
 // row's (capped) logits and t_row its probability target (nullptr for class indices),
 // each either in place (unit stride, no softcap) or in this thread's buffers. On the Lanes
 // path, full groups of kVec adjacent positions go to block(r0, kVec) instead; on the
 // Transposed path every position goes to block(r0, rows), rows <= kVec.
 template <typename scalar_t, typename Body, typename BlockBody>
-void for_each_position(const CrossEntropyProblem& p, PositionPath path, const Body& body, const BlockBody& block) {
+void for_each_position(const CrossEntropyProblem& p, const Operands<scalar_t>& ops, PositionPath path, const Body& body,
+                       const BlockBody& block) {
   using acc_t = acc_type<scalar_t>;
   constexpr int64_t kVec = AccVec<scalar_t>::size();
-  const scalar_t* x = p.x.const_data_ptr<scalar_t>();
+  const scalar_t* x = ops.x;
   const int64_t C = p.classes, inner = p.inner;
-  const int64_t* targets = p.soft ? nullptr : p.target.const_data_ptr<int64_t>();
-  const scalar_t* probs = p.soft ? p.target.const_data_ptr<scalar_t>() : nullptr;
+  const int64_t* targets = ops.targets;
+  const scalar_t* probs = ops.probs;
   const bool z_in_place = p.xs.cls == 1 && !(p.softcap > 0);
   const auto softcap = static_cast<acc_t>(p.softcap);
   auto visit = [&](int64_t r, RowBuffers<acc_t>& buf) {
@@ -214,11 +229,11 @@ struct LaneBlock {
   }
 
   // The block of kVec adjacent positions from r0 read in place (the Lanes path).
-  static LaneBlock in_place(const CrossEntropyProblem& p, const RowContext<acc_t>& ctx, int64_t r0) {
+  static LaneBlock in_place(const CrossEntropyProblem& p, const RowContext<acc_t>& ctx,
+                            const Operands<scalar_t>& ops, int64_t r0) {
     const int64_t o = r0 / p.inner, i0 = r0 % p.inner;
-    return LaneBlock(p, ctx, p.x.const_data_ptr<scalar_t>() + o * p.xs.outer + i0, p.xs.cls,
-                     p.soft ? nullptr : p.target.const_data_ptr<int64_t>() + r0,
-                     p.soft ? p.target.const_data_ptr<scalar_t>() + o * p.ts.outer + i0 : nullptr, p.ts.cls);
+    return LaneBlock(p, ctx, ops.x + o * p.xs.outer + i0, p.xs.cls, p.soft ? nullptr : ops.targets + r0,
+                     p.soft ? ops.probs + o * p.ts.outer + i0 : nullptr, p.ts.cls);
   }
 
   Vec logits(int64_t c) const {
@@ -258,9 +273,11 @@ struct LaneBlock {
       }
       const Vec new_max = running_max(vmax, step_max);
       const Vec shift = Vec::blendv(new_max, zero, new_max == ninf);  // lane-wise finite_shift
-      const Vec rescale = fast_exp(vmax - shift);
-      vsum = vsum * rescale;
-      vsum_lost = vsum_lost * rescale;
+      if (c > 0) {  // the sums so far move to the new max (nothing to move at the first step)
+        const Vec rescale = fast_exp(vmax - shift);
+        vsum = vsum * rescale;
+        vsum_lost = vsum_lost * rescale;
+      }
       for (int64_t j = 0; j < n; ++j) {
         const Vec term = fast_exp(z[j] - shift) - vsum_lost, sum = vsum + term;
         vsum_lost = (sum - vsum) - term;
@@ -366,14 +383,13 @@ struct TransposedRows {
   int64_t targets[K];
   int64_t rows;
 
-  TransposedRows(const CrossEntropyProblem& p, int64_t r0, int64_t n) : rows(n) {
+  TransposedRows(const CrossEntropyProblem& p, const Operands<scalar_t>& ops, int64_t r0, int64_t n) : rows(n) {
     const std::array<int64_t, K> x_off = offsets(p, p.xs, r0);
-    load_transposed<K>(p.x.const_data_ptr<scalar_t>(), 1, x_off, rows, p.classes, x);
+    load_transposed<K>(ops.x, 1, x_off, rows, p.classes, x);
     if (p.soft) {
-      load_transposed<K>(p.target.const_data_ptr<scalar_t>(), p.ts.cls, offsets(p, p.ts, r0), rows, p.classes, t);
+      load_transposed<K>(ops.probs, p.ts.cls, offsets(p, p.ts, r0), rows, p.classes, t);
     } else {
-      const int64_t* target = p.target.const_data_ptr<int64_t>();
-      for (int64_t l = 0; l < K; ++l) targets[l] = l < rows ? target[r0 + l] : p.ignore_index;
+      for (int64_t l = 0; l < K; ++l) targets[l] = l < rows ? ops.targets[r0 + l] : p.ignore_index;
     }
   }
 
@@ -401,17 +417,18 @@ void launch_forward(const CrossEntropyProblem& p, at::Tensor& loss_t, at::Tensor
   scalar_t* x = scale ? p.x.mutable_data_ptr<scalar_t>() : nullptr;
   const int64_t C = p.classes;
   constexpr acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+  const Operands<scalar_t> ops(p);
   const PositionPath path = position_path<scalar_t>(p, nullptr);
   auto block = [&](int64_t r0, int64_t rows) {
     constexpr int64_t K = LaneBlock<scalar_t>::K;
     SplitLse<acc_t> parts[K];
     if (path == PositionPath::Lanes) {
-      const auto lanes = LaneBlock<scalar_t>::in_place(p, ctx, r0);
+      const auto lanes = LaneBlock<scalar_t>::in_place(p, ctx, ops, r0);
       lanes.forward(loss + r0, lse + r0, parts);
-      if (x) lanes.gradient(scale + r0, parts, x + (lanes.xb - p.x.const_data_ptr<scalar_t>()), p.xs.cls, false);
+      if (x) lanes.gradient(scale + r0, parts, x + (lanes.xb - ops.x), p.xs.cls, false);
       return;
     }
-    TransposedRows<scalar_t> buf(p, r0, rows);
+    TransposedRows<scalar_t> buf(p, ops, r0, rows);
     const auto lanes = buf.block(p, ctx);
     acc_t block_loss[K];
     double block_lse[K];
@@ -424,7 +441,7 @@ void launch_forward(const CrossEntropyProblem& p, at::Tensor& loss_t, at::Tensor
     lanes.gradient(g, parts, buf.x, K, false);  // over the logits in the buffer, each read before written
     store_transposed<K>(buf.x, rows, C, x, 1, buf.offsets(p, p.xs, r0));
   };
-  for_each_position<scalar_t>(p, path, [&](int64_t r, RowKind kind, int64_t y, const auto* z, const auto* t) {
+  for_each_position<scalar_t>(p, ops, path, [&](int64_t r, RowKind kind, int64_t y, const auto* z, const auto* t) {
     scalar_t* xr = x ? x + (r / p.inner) * p.xs.outer + (r % p.inner) * p.xs.inner : nullptr;
     if (kind != RowKind::Valid) {  // ignored: no loss, no gradient; bad (unchecked): NaN
       const acc_t value = kind == RowKind::Ignored ? acc_t(0) : nan;
@@ -458,7 +475,8 @@ void launch_backward(const CrossEntropyProblem& p, const at::Tensor& g_t, const 
   const RowContext<acc_t> ctx{cfg, p.weight.defined() ? p.weight.const_data_ptr<acc_t>() : nullptr};
   const acc_t* g = g_t.const_data_ptr<acc_t>();
   const double* lse = lse_t.const_data_ptr<double>();
-  const scalar_t* x = p.x.const_data_ptr<scalar_t>();
+  const Operands<scalar_t> ops(p);
+  const scalar_t* x = ops.x;
   scalar_t* dx = dx_t.mutable_data_ptr<scalar_t>();
   const int64_t C = p.classes;
   // A gradient much larger than the last-level cache is written around it.
@@ -474,14 +492,14 @@ void launch_backward(const CrossEntropyProblem& p, const at::Tensor& g_t, const 
     }
     if (path == PositionPath::Lanes) {
       const int64_t o = r0 / p.inner, i0 = r0 % p.inner;
-      LaneBlock<scalar_t>::in_place(p, ctx, r0).gradient(g_block, split, dx + o * ds.outer + i0, ds.cls, stream);
+      LaneBlock<scalar_t>::in_place(p, ctx, ops, r0).gradient(g_block, split, dx + o * ds.outer + i0, ds.cls, stream);
       return;
     }
-    TransposedRows<scalar_t> buf(p, r0, rows);
+    TransposedRows<scalar_t> buf(p, ops, r0, rows);
     buf.block(p, ctx).gradient(g_block, split, buf.x, K, false);  // over the logits in the buffer
     store_transposed<K>(buf.x, rows, C, dx, ds.cls, buf.offsets(p, ds, r0));
   };
-  for_each_position<scalar_t>(p, path, [&](int64_t r, RowKind kind, int64_t y, const auto* z, const auto* t) {
+  for_each_position<scalar_t>(p, ops, path, [&](int64_t r, RowKind kind, int64_t y, const auto* z, const auto* t) {
     const int64_t o = r / p.inner, i = r % p.inner;
     scalar_t* dr = dx + o * ds.outer + i * ds.inner;
     if (kind != RowKind::Valid) {
