@@ -86,6 +86,26 @@ def test_forward_backward_match_float64(backend, device, shape, dim, layout, dty
     assert_close(dx, dx64, dtype, scale=2 * scale)
 
 
+@pytest.mark.parametrize("log", [True, False], ids=["log_softmax", "softmax"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 5, 300), (2, 67, 300)], ids=["C5", "C67"])
+def test_cpp_lanes_block_widths_match_float64(shape, dtype, log):
+    """The C++ kernel's class-dim-1 blocks: 300 positions run as 4- or 16-wide (forward, by C) and
+    32-wide (backward) vector blocks, then single vectors, then scalar rows. Only the cpp backend
+    has these paths (the general cases above run every backend on class dim 1)."""
+    x = _make(shape, dtype).requires_grad_()
+    fn = ao.log_softmax if log else ao.softmax
+    with ao.backend("cpp"):
+        y = fn(x, 1, temperature=0.8)
+        g = torch.randn(shape, dtype=torch.float64).to(dtype)
+        (dx,) = torch.autograd.grad(y, x, g)
+    x64 = x.detach().double().requires_grad_()
+    expected = _reference(x64, 1, 0.8, log)
+    (expected_dx,) = torch.autograd.grad(expected, x64, g.double())
+    assert_close(y, expected.detach(), dtype, scale=max(1.0, expected.abs().max().item()))
+    assert_close(dx, expected_dx, dtype, scale=max(1.0, expected_dx.abs().max().item()))
+
+
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
 def test_softmax_rows_sum_to_one(backend, device, temperature):
     x = _make((9, 1000), torch.float32, device)
