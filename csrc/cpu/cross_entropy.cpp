@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include <alchemy/cross_entropy.h>
@@ -204,28 +205,42 @@ struct LaneBlock {
   int64_t t_cls;       // class stride of tb
   Vec y;               // class index per lane (-1 where not valid)
   Vec w_y;             // weight at the class index (0 where not valid)
-  Vec fill;            // what a lane that is not valid gets: 0 (ignored) or NaN (bad index)
-  Vec invalid;         // mask of those lanes
+  Vec fill = Vec(0);     // what a lane that is not valid gets: 0 (ignored) or NaN (bad index)
+  Vec invalid = Vec(0);  // mask of those lanes (none by default)
   bool any_invalid = false;
 
   // targets: the K lanes' class indices (unread for probability targets).
   LaneBlock(const CrossEntropyProblem& problem, const RowContext<acc_t>& context, const scalar_t* x_block,
             int64_t x_class_stride, const int64_t* targets, const scalar_t* t_block, int64_t t_class_stride)
       : p(problem), ctx(context), xb(x_block), x_cls(x_class_stride), tb(t_block), t_cls(t_class_stride) {
-    acc_t ys[K], ws[K], fills[K], bad[K];
+    if (p.soft) {  // every lane valid, no class index
+      y = Vec(-1);
+      w_y = Vec(0);
+      return;
+    }
+    acc_t ys[K], ws[K];
     for (int l = 0; l < K; ++l) {
-      const int64_t t = p.soft ? 0 : targets[l];
-      const bool ignored = !p.soft && t == p.ignore_index, valid = p.soft || (!ignored && target_in_range(t, p.classes));
-      ys[l] = valid && !p.soft ? acc_t(t) : acc_t(-1);
-      ws[l] = valid && !p.soft ? weight_at(ctx.w, t) : acc_t(0);
-      fills[l] = ignored ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
-      bad[l] = valid ? acc_t(0) : acc_t(1);
+      const int64_t t = targets[l];
+      const bool valid = t != p.ignore_index && target_in_range(t, p.classes);
+      ys[l] = valid ? acc_t(t) : acc_t(-1);
+      ws[l] = valid ? weight_at(ctx.w, t) : acc_t(0);
       any_invalid |= !valid;
     }
-    y = Vec::loadu(ys);
-    w_y = Vec::loadu(ws);
+    constexpr auto lanes = std::make_integer_sequence<int, K>{};
+    y = from_lanes(ys, lanes);
+    w_y = from_lanes(ws, lanes);
+    if (!any_invalid) return;  // fill and invalid are read only then
+    acc_t fills[K];
+    for (int l = 0; l < K; ++l) fills[l] = targets[l] == p.ignore_index ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
     fill = Vec::loadu(fills);
-    invalid = Vec::loadu(bad) == Vec(1);
+    invalid = y == Vec(-1);
+  }
+
+  // A vector of K scalars built in registers: a vector load of scalars just stored to memory
+  // stalls (no store-to-load forwarding across the stores), a measurable share of a block.
+  template <int... I>
+  static Vec from_lanes(const acc_t* v, std::integer_sequence<int, I...>) {
+    return Vec(v[I]...);
   }
 
   // The block of kVec adjacent positions from r0 read in place (the Lanes path).
@@ -352,7 +367,9 @@ struct LaneBlock {
         target_grad[l] = class_target_grad_at_target(g[l], x_target, lse[l], wys[l], cfg);
       }
     }
-    const Vec va = Vec::loadu(coef), vg = Vec::loadu(g), hi = Vec::loadu(his), lo = Vec::loadu(los);
+    constexpr auto lanes = std::make_integer_sequence<int, K>{};
+    const Vec va = from_lanes(coef, lanes), vg = from_lanes(g, lanes), hi = from_lanes(his, lanes),
+              lo = from_lanes(los, lanes);
     const Vec spread(cfg.smoothing / acc_t(C)), target_term = w_y * Vec(acc_t(1) - cfg.smoothing), zero(0);
     const Vec inv_cap(cfg.softcap > 0 ? acc_t(1) / cfg.softcap : acc_t(0)), one(1);
     for (int64_t c = 0; c < C; ++c) {
