@@ -246,6 +246,29 @@ def test_deterministic(backend, device):
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 
 
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 2, 147), (2, 5, 3, 49), (2, 17, 147)], ids=["C2", "C5", "C17"])
+def test_cpp_lanes_blocks_match_float64(shape, dtype, mode):
+    """The C++ kernel's class-dim-1 blocks: 147 positions per sample run as blocks of 4 vectors (2 from
+    16 classes), then single vectors, then scalar rows (for every vector width: fp32 and fp64, AVX2
+    and AVX-512). Only
+    the cpp backend has these paths (the general cases above run every backend on class dim 1).
+    The in-place variant runs the same blocks, its gradient written over the logits."""
+    x = _logits(shape, dtype)
+    target, kw = _build(x, mode)
+    with ao.backend("cpp"):
+        _check_against_oracle(x, target, kw, dtype)
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        loss1 = ao.cross_entropy(x1, target, **kw)
+        loss2 = ao.cross_entropy(x2 * 1.0, target, inplace_backward=True, **kw)
+        torch.testing.assert_close(loss2, loss1)
+        g = torch.rand(loss1.shape) + 0.5
+        loss1.backward(g.to(loss1.dtype))
+        loss2.backward(g.to(loss2.dtype))
+        torch.testing.assert_close(x2.grad, x1.grad)  # within rounding: the reductions and lse splits differ
+
+
 @pytest.mark.parametrize("mode", ["plain", "none", "smooth-weight", "probs-smooth-weight", "zloss-softcap"])
 @pytest.mark.parametrize(
     ("shape", "layout"), [((5, 7), "contiguous"), ((2, 4, 3), "contiguous"), ((6, 5), "transposed")]
@@ -463,8 +486,10 @@ def test_out_of_range_target_names_value_and_position(backend, device):
 def test_unchecked_bad_target_gives_nan_not_a_crash(backend, device):
     if backend == "reference":
         pytest.skip("the reference backend is PyTorch, which raises by itself")
-    # (3, 4): rows; (2, 4, 20): K-dim positions taken 16 at a time by the CPU kernel
-    for shape, bad, ignored in [((3, 4), (1,), (2,)), ((2, 4, 20), (0, 3), (1, 5))]:
+    # (3, 4): rows; (2, 4, 20): K-dim positions taken a vector at a time by the CPU kernel
+    # (2, 4, 147): a bad and an ignored position inside blocks of 4 vectors (and in a single vector)
+    cases = [((3, 4), (1,), (2,)), ((2, 4, 20), (0, 3), (1, 5)), ((2, 4, 147), (0, 40), (1, 130))]
+    for shape, bad, ignored in cases:
         x = _logits(shape, device=device).requires_grad_()
         t = _targets(x, ignore_every=0)
         t[bad], t[ignored] = 4, -100

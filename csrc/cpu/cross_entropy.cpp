@@ -99,6 +99,13 @@ constexpr int64_t kTransposedMaxClassesForward = 32, kTransposedMaxClassesBackwa
 // vector in place (class dim 1 of [N, C, d...]); or blocks of kVec short rows transposed.
 enum class PositionPath { Rows, Lanes, Transposed };
 
+// Vectors of positions per block of the Lanes path (see LaneBlock): 4 below 16 classes, else 2.
+// Measured on [8, C, 64, 64] (a block's class rows 16 KB apart): 4 is faster at C = 2 (forward
+// 0.26 against 0.34 ms) and 10; at C = 100 it is slower (backward 9.6 against 4.8 ms with 2: the
+// block's 4 C lines read and C written no longer stay in cache between its passes).
+constexpr int kBlockVectors = 2, kBlockVectorsFewClasses = 4;
+constexpr int64_t kFewClasses = 16;
+
 // Lanes in place needs the class dim strided while positions are adjacent in every operand.
 template <typename scalar_t>
 PositionPath position_path(const CrossEntropyProblem& p, const RowStrides* out) {
@@ -128,8 +135,9 @@ struct Operands {
 // Runs body(r, kind, y, z_row, t_row) over every position in parallel, with z_row the
 // row's (capped) logits and t_row its probability target (nullptr for class indices),
 // each either in place (unit stride, no softcap) or in this thread's buffers. On the Lanes
-// path, full groups of kVec adjacent positions go to block(r0, kVec) instead; on the
-// Transposed path every position goes to block(r0, rows), rows <= kVec.
+// path, groups of w * kVec adjacent positions go to block(r0, w * kVec, w) instead, w =
+// kBlockVectors(FewClasses) or 1 (std::integral_constant); on the Transposed path every
+// position goes to block(r0, rows, 1), rows <= kVec.
 template <typename scalar_t, typename Body, typename BlockBody>
 void for_each_position(const CrossEntropyProblem& p, const Operands<scalar_t>& ops, PositionPath path, const Body& body,
                        const BlockBody& block) {
@@ -167,35 +175,70 @@ void for_each_position(const CrossEntropyProblem& p, const Operands<scalar_t>& o
     });
     return;
   }
+  constexpr std::integral_constant<int, 1> one_vector;
   if (path == PositionPath::Transposed) {
     const int64_t rows = p.rows(), blocks = (rows + kVec - 1) / kVec;
     at::parallel_for(0, blocks, std::max<int64_t>(1, grain / kVec), [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) block(b * kVec, std::min(kVec, rows - b * kVec));
+      for (int64_t b = begin; b < end; ++b) block(b * kVec, std::min(kVec, rows - b * kVec), one_vector);
     });
     return;
   }
-  const int64_t blocks = (inner + kVec - 1) / kVec;
-  at::parallel_for(0, p.outer * blocks, std::max<int64_t>(1, grain / kVec), [&](int64_t begin, int64_t end) {
-    RowBuffers<acc_t>& buf = row_buffers<acc_t>(C);
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t o = b / blocks, i0 = (b % blocks) * kVec;
-      if (i0 + kVec <= inner) {
-        block(o * inner + i0, kVec);
-      } else {
-        for (int64_t i = i0; i < inner; ++i) visit(o * inner + i, buf);
+  auto lanes = [&](auto wide) {
+    constexpr int64_t kSpan = decltype(wide)::value * kVec;
+    const int64_t blocks = (inner + kSpan - 1) / kSpan;
+    at::parallel_for(0, p.outer * blocks, std::max<int64_t>(1, grain / kSpan), [&](int64_t begin, int64_t end) {
+      RowBuffers<acc_t>& buf = row_buffers<acc_t>(C);
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t o = b / blocks;
+        int64_t i = (b % blocks) * kSpan;
+        if (i + kSpan <= inner) {
+          block(o * inner + i, kSpan, wide);
+          continue;
+        }
+        for (; i + kVec <= inner; i += kVec) block(o * inner + i, kVec, one_vector);
+        for (; i < inner; ++i) visit(o * inner + i, buf);
       }
-    }
-    stream_fence();
-  });
+      stream_fence();
+    });
+  };
+  if (C < kFewClasses) return lanes(std::integral_constant<int, kBlockVectorsFewClasses>{});
+  lanes(std::integral_constant<int, kBlockVectors>{});
 }
 
-// The lanes path: kVec positions (the classes of lane l at xb + l + c * x_cls) as the lanes
-// of one vector, looping over the classes; the same math as the rows, lane by lane.
-template <typename scalar_t>
+// The lanes path: W * kVec positions, vector w holding lanes [w * kVec, (w + 1) * kVec) (the
+// classes of lane l at xb + l + c * x_cls), looping over the classes; the same math as the rows,
+// lane by lane. W > 1 gives the exp and sum chains of independent vectors to interleave and reads
+// whole cache lines per class (see softmax.cpp's lanes blocks).
+template <typename scalar_t, int W = 1>
 struct LaneBlock {
   using acc_t = acc_type<scalar_t>;
   using Vec = AccVec<scalar_t>;
   static constexpr int K = Vec::size();
+  static constexpr int kLanes = W * K;
+
+  // Each lane's lse as hi + lo (SplitLse, W vectors of it): the saved fp64 lse split, or in the
+  // in-place forward the row's max and log-sum-exp.
+  struct Lse {
+    Vec hi[W];
+    Vec lo[W];
+  };
+
+  // The upstream gradient and the saved lse of kLanes positions (rows <= kLanes of them; the
+  // other lanes get 0) as gradient() takes them.
+  static void load_saved(const acc_t* g, const double* lse, int64_t rows, Vec* g_out, Lse& split) {
+    acc_t g_pad[kLanes] = {};
+    double lse_pad[kLanes] = {};
+    if (rows < kLanes) {
+      std::copy_n(g, rows, g_pad);
+      std::copy_n(lse, rows, lse_pad);
+      g = g_pad, lse = lse_pad;
+    }
+    ALCHEMY_UNROLL
+    for (int w = 0; w < W; ++w) {
+      g_out[w] = Vec::loadu(g + w * K);
+      load_split_lse(lse + w * K, split.hi[w], split.lo[w]);
+    }
+  }
 
   const CrossEntropyProblem& p;
   const RowContext<acc_t>& ctx;
@@ -203,37 +246,59 @@ struct LaneBlock {
   int64_t x_cls;       // class stride of xb
   const scalar_t* tb;  // its probability target, or nullptr
   int64_t t_cls;       // class stride of tb
-  Vec y;               // class index per lane (-1 where not valid)
-  Vec w_y;             // weight at the class index (0 where not valid)
-  Vec fill = Vec(0);     // what a lane that is not valid gets: 0 (ignored) or NaN (bad index)
-  Vec invalid = Vec(0);  // mask of those lanes (none by default)
+  const int64_t* targets;  // the lanes' class indices, or nullptr (probability targets)
+  Vec y[W];            // class index per lane (-1 where not valid)
+  Vec w_y[W];          // weight at the class index (0 where not valid)
+  Vec fill[W];         // what a lane that is not valid gets: 0 (ignored) or NaN (bad index)
+  Vec invalid[W];      // mask of those lanes
   bool any_invalid = false;
 
-  // targets: the K lanes' class indices (unread for probability targets).
+  // lane_targets: the kLanes lanes' class indices (unread for probability targets).
   LaneBlock(const CrossEntropyProblem& problem, const RowContext<acc_t>& context, const scalar_t* x_block,
-            int64_t x_class_stride, const int64_t* targets, const scalar_t* t_block, int64_t t_class_stride)
-      : p(problem), ctx(context), xb(x_block), x_cls(x_class_stride), tb(t_block), t_cls(t_class_stride) {
-    if (p.soft) {  // every lane valid, no class index
-      y = Vec(-1);
-      w_y = Vec(0);
+            int64_t x_class_stride, const int64_t* lane_targets, const scalar_t* t_block, int64_t t_class_stride)
+      : p(problem),
+        ctx(context),
+        xb(x_block),
+        x_cls(x_class_stride),
+        tb(t_block),
+        t_cls(t_class_stride),
+        targets(p.soft ? nullptr : lane_targets) {
+    ALCHEMY_UNROLL
+    for (int w = 0; w < W; ++w) {
+      if (p.soft) {  // every lane valid, no class index
+        y[w] = Vec(-1), w_y[w] = Vec(0), fill[w] = Vec(0), invalid[w] = Vec(0);
+      } else {
+        decode_targets(lane_targets + w * K, w);
+      }
+    }
+  }
+
+  // The K class indices at t as floating-point lanes, in vector registers: each index, -1 for
+  // ignore_index, -2 for an index out of range (scalar per-lane checks were a third of a
+  // few-class block's instructions).
+  void decode_targets(const int64_t* t, int w) {
+    using IVec = at::vec::Vectorized<int64_t>;
+    constexpr int kPieces = K / IVec::size();
+    static_assert(kPieces * IVec::size() == K);
+    at::vec::VectorizedN<int64_t, kPieces> code;
+    ALCHEMY_UNROLL
+    for (int i = 0; i < kPieces; ++i) {
+      const IVec v = IVec::loadu(t + i * IVec::size());
+      const IVec in_range = (v >= IVec(0)) & (v < IVec(p.classes));
+      code[i] = IVec::blendv(IVec::blendv(IVec(-2), v, in_range), IVec(-1), v == IVec(p.ignore_index));
+    }
+    const Vec lanes = at::vec::convert<acc_t, 1, int64_t, kPieces>(code), zero(0);
+    invalid[w] = lanes < zero;
+    y[w] = Vec::blendv(lanes, Vec(-1), invalid[w]);
+    fill[w] = Vec::blendv(Vec(std::numeric_limits<acc_t>::quiet_NaN()), zero, lanes == Vec(-1));
+    any_invalid |= invalid[w].zero_mask() != (1 << K) - 1;
+    if (ctx.w == nullptr) {
+      w_y[w] = Vec::blendv(Vec(1), zero, invalid[w]);
       return;
     }
-    acc_t ys[K], ws[K];
-    for (int l = 0; l < K; ++l) {
-      const int64_t t = targets[l];
-      const bool valid = t != p.ignore_index && target_in_range(t, p.classes);
-      ys[l] = valid ? acc_t(t) : acc_t(-1);
-      ws[l] = valid ? weight_at(ctx.w, t) : acc_t(0);
-      any_invalid |= !valid;
-    }
-    constexpr auto lanes = std::make_integer_sequence<int, K>{};
-    y = from_lanes(ys, lanes);
-    w_y = from_lanes(ws, lanes);
-    if (!any_invalid) return;  // fill and invalid are read only then
-    acc_t fills[K];
-    for (int l = 0; l < K; ++l) fills[l] = targets[l] == p.ignore_index ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
-    fill = Vec::loadu(fills);
-    invalid = y == Vec(-1);
+    acc_t ws[K];
+    for (int l = 0; l < K; ++l) ws[l] = target_in_range(t[l], p.classes) && t[l] != p.ignore_index ? ctx.w[t[l]] : acc_t(0);
+    w_y[w] = from_lanes(ws, std::make_integer_sequence<int, K>{});
   }
 
   // A vector of K scalars built in registers: a vector load of scalars just stored to memory
@@ -243,7 +308,7 @@ struct LaneBlock {
     return Vec(v[I]...);
   }
 
-  // The block of kVec adjacent positions from r0 read in place (the Lanes path).
+  // The block of kLanes adjacent positions from r0 read in place (the Lanes path).
   static LaneBlock in_place(const CrossEntropyProblem& p, const RowContext<acc_t>& ctx,
                             const Operands<scalar_t>& ops, int64_t r0) {
     const int64_t o = r0 / p.inner, i0 = r0 % p.inner;
@@ -251,141 +316,157 @@ struct LaneBlock {
                      p.soft ? ops.probs + o * p.ts.outer + i0 : nullptr, p.ts.cls);
   }
 
-  Vec logits(int64_t c) const {
-    const Vec x = load_acc(xb + c * x_cls);
+  Vec logits(int w, int64_t c) const {
+    const Vec x = load_acc(xb + w * K + c * x_cls);
     if (!(ctx.cfg.softcap > 0)) return x;
     return Vec(ctx.cfg.softcap) * (x * Vec(acc_t(1) / ctx.cfg.softcap)).tanh();
   }
 
   Vec weight(int64_t c) const { return Vec(weight_at(ctx.w, c)); }
 
-  Vec weighted_prob(int64_t c) const {  // w_c t'_c
+  Vec weighted_prob(int w, int64_t c) const {  // w_c t'_c
     const auto& cfg = ctx.cfg;
-    return weight(c) * at::vec::fmadd(load_acc(tb + c * t_cls), Vec(acc_t(1) - cfg.smoothing),
+    return weight(c) * at::vec::fmadd(load_acc(tb + w * K + c * t_cls), Vec(acc_t(1) - cfg.smoothing),
                                       Vec(cfg.smoothing / acc_t(cfg.classes)));
   }
 
-  // Loss and saved lse of every lane, in one pass over the classes. The sums are taken
-  // relative to class 0's logit and moved to the row max at the end (see the CUDA kernel).
-  // parts gets each lane's lse as max + log_sum.
-  void forward(acc_t* loss, double* lse, SplitLse<acc_t>* parts) const {
+  // Loss and saved lse of every lane, in two passes over the classes (the block's class rows
+  // stay in cache between them): the max, then the sums relative to it. split (if not nullptr)
+  // gets each lane's lse as max + log_sum.
+  void forward(acc_t* loss, double* lse, Lse* split) const {
     const auto& cfg = ctx.cfg;
     const int64_t C = cfg.classes;
     const bool sums = p.soft || cfg.smoothing > 0;
     const Vec ninf(neg_inf<acc_t>()), zero(0);
-    Vec zref = logits(0);
-    zref = Vec::blendv(zero, zref, zref.abs() < Vec(-neg_inf<acc_t>()));  // a non-finite reference: 0
+    Vec shift[W];
+    ALCHEMY_UNROLL
+    for (int w = 0; w < W; ++w) shift[w] = ninf;
+    for (int64_t c = 0; c < C; ++c) {
+      ALCHEMY_UNROLL
+      for (int w = 0; w < W; ++w) shift[w] = running_max(shift[w], logits(w, c));
+    }
     // vsum is compensated (Kahan): one lane sums one position's classes in sequence, and a confident
     // row's small terms would each round away against its 1, which p_y - 1 in backward depends on.
-    Vec vmax = ninf, vsum = zero, vsum_lost = zero, zy = zero, s1 = zero, s2 = zero;
-    for (int64_t c = 0; c < C; c += kVecsPerStep) {
-      const int64_t n = std::min<int64_t>(kVecsPerStep, C - c);
-      Vec z[kVecsPerStep];
-      Vec step_max = ninf;
-      for (int64_t j = 0; j < n; ++j) {
-        z[j] = logits(c + j);
-        step_max = running_max(step_max, z[j]);
-      }
-      const Vec new_max = running_max(vmax, step_max);
-      const Vec shift = Vec::blendv(new_max, zero, new_max == ninf);  // lane-wise finite_shift
-      if (c > 0) {  // the sums so far move to the new max (nothing to move at the first step)
-        const Vec rescale = fast_exp(vmax - shift);
-        vsum = vsum * rescale;
-        vsum_lost = vsum_lost * rescale;
-      }
-      for (int64_t j = 0; j < n; ++j) {
-        const Vec term = fast_exp(z[j] - shift) - vsum_lost, sum = vsum + term;
-        vsum_lost = (sum - vsum) - term;
-        vsum = sum;
-        if (!p.soft) zy = Vec::blendv(zy, z[j], y == Vec(acc_t(c + j)));
+    Vec vmax[W], vsum[W], vsum_lost[W], zy[W], s1[W], s2[W];
+    ALCHEMY_UNROLL
+    for (int w = 0; w < W; ++w) {
+      vmax[w] = shift[w];
+      shift[w] = Vec::blendv(shift[w], zero, shift[w] == ninf);  // lane-wise finite_shift
+      vsum[w] = vsum_lost[w] = zy[w] = s1[w] = s2[w] = zero;
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const Vec class_c(static_cast<acc_t>(c)), w_c = weight(c);
+      ALCHEMY_UNROLL
+      for (int w = 0; w < W; ++w) {
+        const Vec z = logits(w, c);
+        const Vec term = fast_exp(z - shift[w]) - vsum_lost[w], sum = vsum[w] + term;
+        vsum_lost[w] = (sum - vsum[w]) - term;
+        vsum[w] = sum;
         if (p.soft) {
-          const Vec q = weighted_prob(c + j);
-          s1 += q;
-          s2 += q * (z[j] - zref);
-        } else if (sums) {
-          s1 += weight(c + j) * (z[j] - zref);
+          const Vec q = weighted_prob(w, c);
+          s1[w] += q;
+          s2[w] += q * (z - shift[w]);
+        } else {
+          zy[w] = Vec::blendv(zy[w], z, y[w] == class_c);
+          if (sums) s1[w] += w_c * (z - shift[w]);
         }
       }
-      vmax = new_max;
     }
     // The epilogue, lane-wise: row_log_sum_exp (NaN parts for a max of NaN or +-inf), then
-    // class_target_loss / prob_target_loss of cross_entropy.h on vectors.
-    const Vec nan(std::numeric_limits<acc_t>::quiet_NaN());
-    const Vec finite = vmax.abs() < Vec(-neg_inf<acc_t>());
-    const Vec max = Vec::blendv(nan, vmax, finite), log_sum = Vec::blendv(nan, vsum.log(), finite);
-    const Vec to_max = max - zref;  // sum w (z - max) = sum w (z - ref) - (max - ref) sum w
-    const Vec lse_value = max + log_sum;
-    Vec l;
-    if (p.soft) {
-      l = s1 * log_sum - (s2 - to_max * s1);
-    } else {
-      l = Vec(acc_t(1) - cfg.smoothing) * w_y * (log_sum - (zy - max));
-      if (sums) {
-        const Vec W(cfg.weight_sum);
-        l += Vec(cfg.smoothing / acc_t(C)) * (W * log_sum - (s1 - to_max * W));
+    // class_target_loss / prob_target_loss of cross_entropy.h on vectors. The sums are relative to
+    // the max in every lane whose max is finite, and NaN in the others.
+    const Vec nan(std::numeric_limits<acc_t>::quiet_NaN()), limit(-neg_inf<acc_t>());
+    ALCHEMY_UNROLL
+    for (int w = 0; w < W; ++w) {
+      const Vec finite = vmax[w].abs() < limit;
+      const Vec max = Vec::blendv(nan, vmax[w], finite), log_sum = Vec::blendv(nan, vsum[w].log(), finite);
+      const Vec lse_value = max + log_sum;
+      Vec l;
+      if (p.soft) {
+        l = s1[w] * log_sum - s2[w];
+      } else {
+        l = Vec(acc_t(1) - cfg.smoothing) * w_y[w] * (log_sum - (zy[w] - max));
+        if (sums) l += Vec(cfg.smoothing / acc_t(C)) * (Vec(cfg.weight_sum) * log_sum - s1[w]);
       }
-    }
-    l += Vec(cfg.z_loss) * lse_value * lse_value;
-    if (any_invalid) l = Vec::blendv(l, fill, invalid);
-    l.store(loss);
-    acc_t m[K], ls[K];
-    Vec::blendv(max, fill, invalid).store(m);
-    Vec::blendv(log_sum, fill, invalid).store(ls);
-    for (int k = 0; k < K; ++k) {
-      lse[k] = saved_lse(RowLogSumExp<acc_t>{m[k], ls[k]});
-      parts[k] = {m[k], ls[k]};
+      l += Vec(cfg.z_loss) * lse_value * lse_value;
+      if (any_invalid) l = Vec::blendv(l, fill[w], invalid[w]);
+      l.store(loss + w * K);
+      const Vec hi = Vec::blendv(max, fill[w], invalid[w]), lo = Vec::blendv(log_sum, fill[w], invalid[w]);
+      acc_t m[K], ls[K];
+      hi.store(m);
+      lo.store(ls);
+      for (int k = 0; k < K; ++k) lse[w * K + k] = saved_lse(RowLogSumExp<acc_t>{m[k], ls[k]});
+      if (split) split->hi[w] = hi, split->lo[w] = lo;
     }
   }
 
-  // dx = g * (a * p_c - b_c) * dz/dx for every lane, with lse = hi + lo per lane.
+  // dx = g * (a * p_c - b_c) * dz/dx for every lane, with lse = hi + lo per lane; g holds W vectors.
   template <typename D>
-  void gradient(const acc_t* g, const SplitLse<acc_t>* lse, D* db, int64_t dcls, bool stream) const {
+  void gradient(const Vec* g, const Lse& lse, D* db, int64_t dcls, bool stream) const {
     const auto& cfg = ctx.cfg;
     const int64_t C = cfg.classes;
-    acc_t mass[K], his[K], los[K], coef[K], wys[K];
-    w_y.store(wys);
-    if (p.soft) {
-      Vec t = Vec(0);
-      for (int64_t c = 0; c < C; ++c) t += weighted_prob(c);
-      t.store(mass);
-    }
-    for (int l = 0; l < K; ++l) {
-      if (!p.soft) mass[l] = class_target_mass(wys[l], cfg);
-      his[l] = lse[l].hi;
-      los[l] = lse[l].lo;
-      coef[l] = grad_prob_coeff(mass[l], lse[l], cfg) * g[l];
+    const Vec* hi = lse.hi;
+    const Vec* lo = lse.lo;
+    // a = grad_prob_coeff(target mass, lse) per lane, times g.
+    Vec va[W], target_term[W];
+    ALCHEMY_UNROLL
+    for (int w = 0; w < W; ++w) {
+      target_term[w] = w_y[w] * Vec(acc_t(1) - cfg.smoothing);
+      Vec mass = target_term[w] + Vec(cfg.smoothing / acc_t(C) * cfg.weight_sum);  // class_target_mass
+      if (p.soft) {
+        mass = Vec(0);
+        for (int64_t c = 0; c < C; ++c) mass += weighted_prob(w, c);
+      }
+      va[w] = (mass + Vec(acc_t(2) * cfg.z_loss) * (hi[w] + lo[w])) * g[w];
     }
     // The target class's p_y - 1 needs exp exact near 1 (fast_exp is off by up to ~20 ulp, the size
-    // of 1 - p_y for a confident prediction): formed as the rows path forms it, from the logit read
-    // before db (which may alias the logits) is written, and stored after the vector loop.
-    acc_t ys[K], target_grad[K];
-    y.store(ys);
-    if (!p.soft) {
-      for (int l = 0; l < K; ++l) {
-        if (ys[l] < 0) continue;  // ignored or bad: the fill stays
-        const acc_t x_target = static_cast<acc_t>(xb[l + static_cast<int64_t>(ys[l]) * x_cls]);
-        target_grad[l] = class_target_grad_at_target(g[l], x_target, lse[l], wys[l], cfg);
-      }
-    }
-    constexpr auto lanes = std::make_integer_sequence<int, K>{};
-    const Vec va = from_lanes(coef, lanes), vg = from_lanes(g, lanes), hi = from_lanes(his, lanes),
-              lo = from_lanes(los, lanes);
-    const Vec spread(cfg.smoothing / acc_t(C)), target_term = w_y * Vec(acc_t(1) - cfg.smoothing), zero(0);
+    // of 1 - p_y for a confident prediction): formed with fast_expm1 after the vector loop, from the target
+    // logits z_y picked up in it (each read before db, which may alias the logits, is written).
+    Vec z_y[W];
+    const Vec spread(cfg.smoothing / acc_t(C)), zero(0);
     const Vec inv_cap(cfg.softcap > 0 ? acc_t(1) / cfg.softcap : acc_t(0)), one(1);
     for (int64_t c = 0; c < C; ++c) {
-      const Vec z = logits(c);
-      Vec b = p.soft ? weighted_prob(c) : weight(c) * spread + Vec::blendv(zero, target_term, y == Vec(acc_t(c)));
-      Vec d = va * fast_exp((z - hi) - lo) - vg * b;
-      if (cfg.softcap > 0) {
-        const Vec th = z * inv_cap;  // z = softcap * tanh(x / softcap)
-        d = d * (one - th * th);
+      const Vec class_c(static_cast<acc_t>(c)), spread_c = weight(c) * spread;
+      ALCHEMY_UNROLL
+      for (int w = 0; w < W; ++w) {
+        const Vec z = logits(w, c);
+        Vec b;
+        if (p.soft) {
+          b = weighted_prob(w, c);
+        } else {
+          const Vec is_target = y[w] == class_c;
+          b = spread_c + Vec::blendv(zero, target_term[w], is_target);
+          z_y[w] = c == 0 ? z : Vec::blendv(z_y[w], z, is_target);
+        }
+        Vec d = va[w] * fast_exp((z - hi[w]) - lo[w]) - g[w] * b;
+        if (cfg.softcap > 0) {
+          const Vec th = z * inv_cap;  // z = softcap * tanh(x / softcap)
+          d = d * (one - th * th);
+        }
+        if (any_invalid) d = Vec::blendv(d, fill[w], invalid[w]);
+        D* dc = db + w * K + c * dcls;
+        stream ? store_acc_stream(dc, d) : store_acc(dc, d);
       }
-      if (any_invalid) d = Vec::blendv(d, fill, invalid);
-      stream ? store_acc_stream(db + c * dcls, d) : store_acc(db + c * dcls, d);
     }
     if (p.soft) return;
-    for (int l = 0; l < K; ++l)
-      if (ys[l] >= 0) db[l + static_cast<int64_t>(ys[l]) * dcls] = static_cast<D>(target_grad[l]);
+    // class_target_grad_at_target on vectors: g (a p - b) = g (1 - eps) w_y (p - 1) - g eps/C w_y
+    // + g (a - (1 - eps) w_y) p, with p - 1 = expm1(z - lse) (no cancellation against the 1).
+    acc_t target_grad[kLanes];
+    int64_t valid = 0;  // bit l: lane l has a class index
+    ALCHEMY_UNROLL
+    for (int w = 0; w < W; ++w) {
+      valid |= static_cast<int64_t>(invalid[w].zero_mask()) << (w * K);
+      const Vec z = z_y[w];
+      const Vec below_one = fast_expm1((z - hi[w]) - lo[w]);
+      Vec d = g[w] * (target_term[w] * below_one - spread * w_y[w]) + (va[w] - g[w] * target_term[w]) * (below_one + one);
+      if (cfg.softcap > 0) {
+        const Vec th = z * inv_cap;
+        d = d * (one - th * th);
+      }
+      d.store(target_grad + w * K);
+    }
+    for (int l = 0; l < kLanes; ++l)
+      if (valid >> l & 1) db[l + targets[l] * dcls] = static_cast<D>(target_grad[l]);
   }
 };
 
@@ -436,27 +517,35 @@ void launch_forward(const CrossEntropyProblem& p, at::Tensor& loss_t, at::Tensor
   constexpr acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
   const Operands<scalar_t> ops(p);
   const PositionPath path = position_path<scalar_t>(p, nullptr);
-  auto block = [&](int64_t r0, int64_t rows) {
-    constexpr int64_t K = LaneBlock<scalar_t>::K;
-    SplitLse<acc_t> parts[K];
+  auto block = [&](int64_t r0, int64_t rows, auto wide) {
+    using Block = LaneBlock<scalar_t, decltype(wide)::value>;
     if (path == PositionPath::Lanes) {
-      const auto lanes = LaneBlock<scalar_t>::in_place(p, ctx, ops, r0);
-      lanes.forward(loss + r0, lse + r0, parts);
-      if (x) lanes.gradient(scale + r0, parts, x + (lanes.xb - ops.x), p.xs.cls, false);
+      const auto lanes = Block::in_place(p, ctx, ops, r0);
+      typename Block::Lse split;
+      lanes.forward(loss + r0, lse + r0, x ? &split : nullptr);
+      if (!x) return;
+      typename Block::Vec g[Block::kLanes / Block::K];
+      for (int w = 0; w < decltype(wide)::value; ++w) g[w] = Block::Vec::loadu(scale + r0 + w * Block::K);
+      lanes.gradient(g, split, x + (lanes.xb - ops.x), p.xs.cls, false);
       return;
     }
-    TransposedRows<scalar_t> buf(p, ops, r0, rows);
-    const auto lanes = buf.block(p, ctx);
-    acc_t block_loss[K];
-    double block_lse[K];
-    lanes.forward(block_loss, block_lse, parts);
-    std::copy_n(block_loss, rows, loss + r0);
-    std::copy_n(block_lse, rows, lse + r0);
-    if (!x) return;
-    acc_t g[K] = {};
-    std::copy_n(scale + r0, rows, g);
-    lanes.gradient(g, parts, buf.x, K, false);  // over the logits in the buffer, each read before written
-    store_transposed<K>(buf.x, rows, C, x, 1, buf.offsets(p, p.xs, r0));
+    if constexpr (decltype(wide)::value == 1) {  // the Transposed path's blocks are one vector wide
+      constexpr int64_t K = Block::K;
+      TransposedRows<scalar_t> buf(p, ops, r0, rows);
+      const Block lanes = buf.block(p, ctx);
+      acc_t block_loss[K];
+      double block_lse[K];
+      typename Block::Lse split;
+      lanes.forward(block_loss, block_lse, &split);
+      std::copy_n(block_loss, rows, loss + r0);
+      std::copy_n(block_lse, rows, lse + r0);
+      if (!x) return;
+      acc_t g[K] = {};
+      std::copy_n(scale + r0, rows, g);
+      const typename Block::Vec g_vec[1] = {Block::Vec::loadu(g)};
+      lanes.gradient(g_vec, split, buf.x, K, false);  // over the logits in the buffer, each read before written
+      store_transposed<K>(buf.x, rows, C, x, 1, buf.offsets(p, p.xs, r0));
+    }
   };
   for_each_position<scalar_t>(p, ops, path, [&](int64_t r, RowKind kind, int64_t y, const auto* z, const auto* t) {
     scalar_t* xr = x ? x + (r / p.inner) * p.xs.outer + (r % p.inner) * p.xs.inner : nullptr;
@@ -499,22 +588,21 @@ void launch_backward(const CrossEntropyProblem& p, const at::Tensor& g_t, const 
   // A gradient much larger than the last-level cache is written around it.
   const bool stream = dx_t.nbytes() > (int64_t(64) << 20);
   const PositionPath path = position_path<scalar_t>(p, &ds);
-  auto block = [&](int64_t r0, int64_t rows) {
-    constexpr int64_t K = LaneBlock<scalar_t>::K;
-    SplitLse<acc_t> split[K] = {};
-    acc_t g_block[K] = {};
-    for (int64_t l = 0; l < rows; ++l) {
-      split[l] = split_lse<acc_t>(lse[r0 + l]);
-      g_block[l] = g[r0 + l];
-    }
+  auto block = [&](int64_t r0, int64_t rows, auto wide) {
+    using Block = LaneBlock<scalar_t, decltype(wide)::value>;
+    typename Block::Vec g_block[decltype(wide)::value];
+    typename Block::Lse split;
+    Block::load_saved(g + r0, lse + r0, rows, g_block, split);
     if (path == PositionPath::Lanes) {
       const int64_t o = r0 / p.inner, i0 = r0 % p.inner;
-      LaneBlock<scalar_t>::in_place(p, ctx, ops, r0).gradient(g_block, split, dx + o * ds.outer + i0, ds.cls, stream);
+      Block::in_place(p, ctx, ops, r0).gradient(g_block, split, dx + o * ds.outer + i0, ds.cls, stream);
       return;
     }
-    TransposedRows<scalar_t> buf(p, ops, r0, rows);
-    buf.block(p, ctx).gradient(g_block, split, buf.x, K, false);  // over the logits in the buffer
-    store_transposed<K>(buf.x, rows, C, dx, ds.cls, buf.offsets(p, ds, r0));
+    if constexpr (decltype(wide)::value == 1) {  // the Transposed path's blocks are one vector wide
+      TransposedRows<scalar_t> buf(p, ops, r0, rows);
+      buf.block(p, ctx).gradient(g_block, split, buf.x, Block::K, false);  // over the logits in the buffer
+      store_transposed<Block::K>(buf.x, rows, C, dx, ds.cls, buf.offsets(p, ds, r0));
+    }
   };
   for_each_position<scalar_t>(p, ops, path, [&](int64_t r, RowKind kind, int64_t y, const auto* z, const auto* t) {
     const int64_t o = r / p.inner, i = r % p.inner;

@@ -96,6 +96,21 @@ inline acc_vec_t fast_exp(const acc_vec_t& v) {
   return acc_vec_t::blendv(v.exp_u20(), v, v.isnan());
 }
 
+// exp(x) - 1 for x <= 0 (p - 1 for x = log p), accurate relative to the result where exp(x) - 1
+// cancels: a Taylor polynomial for |x| <= 1/4 (degree 7, truncation below 2e-9 relative), fast_exp(x)
+// - 1 beyond, where |p - 1| > 0.2 keeps fast_exp's error small against it. fp64: Sleef's expm1.
+template <typename acc_vec_t>
+inline acc_vec_t fast_expm1(const acc_vec_t& x) {
+  using acc_t = typename acc_vec_t::value_type;
+  if constexpr (std::is_same_v<acc_t, double>) {
+    return x.expm1();
+  } else {
+    acc_vec_t p(acc_t(1.0 / 5040));
+    for (const double k : {1.0 / 720, 1.0 / 120, 1.0 / 24, 1.0 / 6, 1.0 / 2, 1.0}) p = at::vec::fmadd(p, x, acc_vec_t(acc_t(k)));
+    return acc_vec_t::blendv(fast_exp(x) - acc_vec_t(1), p * x, x.abs() <= acc_vec_t(acc_t(0.25)));
+  }
+}
+
 // Running max of logits. It may drop a NaN: fast_exp carries NaN into the row sum instead,
 // and a NaN sum makes every output of the row NaN, as a NaN max would.
 template <typename acc_vec_t>
@@ -151,6 +166,39 @@ template <int64_t kVec, typename buf_t, typename scalar_t, typename Offsets>
 inline void store_transposed(const buf_t* buf, int64_t rows, int64_t C, scalar_t* y, int64_t cls, const Offsets& off) {
   for (int64_t l = 0; l < rows; ++l)
     for (int64_t c = 0; c < C; ++c) y[off[l] + c * cls] = static_cast<scalar_t>(buf[c * kVec + l]);
+}
+
+// split_lse of cross_entropy.h on a vector: the fp64 lse of Vec::size() positions as hi + lo in
+// acc_t (hi the rounded lse, lo what it lost).
+template <typename acc_t>
+inline void load_split_lse(const double* lse, at::vec::Vectorized<acc_t>& hi, at::vec::Vectorized<acc_t>& lo) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  if constexpr (std::is_same_v<acc_t, double>) {
+    hi = Vec::loadu(lse);
+    lo = Vec(0);
+  } else {
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512d a = _mm512_loadu_pd(lse), b = _mm512_loadu_pd(lse + 8);
+    const __m256 ha = _mm512_cvtpd_ps(a), hb = _mm512_cvtpd_ps(b);
+    hi = _mm512_insertf32x8(_mm512_castps256_ps512(ha), hb, 1);
+    lo = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(_mm512_sub_pd(a, _mm512_cvtps_pd(ha)))),
+                            _mm512_cvtpd_ps(_mm512_sub_pd(b, _mm512_cvtps_pd(hb))), 1);
+#elif defined(CPU_CAPABILITY_AVX2)
+    const __m256d a = _mm256_loadu_pd(lse), b = _mm256_loadu_pd(lse + 4);
+    const __m128 ha = _mm256_cvtpd_ps(a), hb = _mm256_cvtpd_ps(b);
+    hi = _mm256_set_m128(hb, ha);
+    lo = _mm256_set_m128(_mm256_cvtpd_ps(_mm256_sub_pd(b, _mm256_cvtps_pd(hb))),
+                         _mm256_cvtpd_ps(_mm256_sub_pd(a, _mm256_cvtps_pd(ha))));
+#else
+    acc_t h[Vec::size()], l[Vec::size()];
+    for (int k = 0; k < Vec::size(); ++k) {
+      h[k] = static_cast<acc_t>(lse[k]);
+      l[k] = static_cast<acc_t>(lse[k] - static_cast<double>(h[k]));
+    }
+    hi = Vec::loadu(h);
+    lo = Vec::loadu(l);
+#endif
+  }
 }
 
 template <typename acc_t>
