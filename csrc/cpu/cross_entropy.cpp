@@ -540,9 +540,7 @@ void launch_forward(const CrossEntropyProblem& p, at::Tensor& loss_t, at::Tensor
       std::copy_n(block_loss, rows, loss + r0);
       std::copy_n(block_lse, rows, lse + r0);
       if (!x) return;
-      acc_t g[K] = {};
-      std::copy_n(scale + r0, rows, g);
-      const typename Block::Vec g_vec[1] = {Block::Vec::loadu(g)};
+      const typename Block::Vec g_vec[1] = {Block::Vec::loadu(scale + r0, rows)};  // lanes from rows on: 0
       lanes.gradient(g_vec, split, buf.x, K, false);  // over the logits in the buffer, each read before written
       store_transposed<K>(buf.x, rows, C, x, 1, buf.offsets(p, p.xs, r0));
     }
