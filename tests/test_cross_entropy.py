@@ -248,12 +248,14 @@ def test_deterministic(backend, device):
 
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(2, 2, 147), (2, 5, 3, 49), (2, 17, 147)], ids=["C2", "C5", "C17"])
+@pytest.mark.parametrize(
+    "shape", [(2, 2, 147), (2, 5, 3, 49), (2, 17, 147), (2, 33, 147)], ids=["C2", "C5", "C17", "C33"]
+)
 def test_cpp_lanes_blocks_match_float64(shape, dtype, mode):
     """The C++ kernel's class-dim-1 blocks: 147 positions per sample run as blocks of 4 vectors (2 from
-    16 classes), then single vectors, then scalar rows (for every vector width: fp32 and fp64, AVX2
-    and AVX-512). Only
-    the cpp backend has these paths (the general cases above run every backend on class dim 1).
+    16 classes; from 32 classes 512 bytes of each class: 128 fp32 positions), then single vectors, then
+    scalar rows (for every vector width: fp32 and fp64, AVX2 and AVX-512). Only the cpp backend has
+    these paths (the general cases above run every backend on class dim 1).
     The in-place variant runs the same blocks, its gradient written over the logits."""
     x = _logits(shape, dtype)
     target, kw = _build(x, mode)

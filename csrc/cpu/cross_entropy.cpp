@@ -93,18 +93,25 @@ enum class RowKind { Ignored, Bad, Valid };
 // lanes path, copied transposed into a buffer: a short row would otherwise pay horizontal
 // reductions and a scalar tail of C % kVec exps each. Measured (benchmarks/short_rows.py): the
 // forward gains up to C = 21 and breaks even at 100, the backward gains at C <= 10 only.
-constexpr int64_t kTransposedMaxClassesForward = 32, kTransposedMaxClassesBackward = 16;
+constexpr int64_t kTransposedMaxClassesForward = 32, kTransposedMaxClassesBackward = 32;
 
 // How positions map to work: one row at a time; kVec adjacent positions as the lanes of one
 // vector in place (class dim 1 of [N, C, d...]); or blocks of kVec short rows transposed.
 enum class PositionPath { Rows, Lanes, Transposed };
 
-// Vectors of positions per block of the Lanes path (see LaneBlock): 4 below 16 classes, else 2.
-// Measured on [8, C, 64, 64] (a block's class rows 16 KB apart): 4 is faster at C = 2 (forward
-// 0.26 against 0.34 ms) and 10; at C = 100 it is slower (backward 9.6 against 4.8 ms with 2: the
-// block's 4 C lines read and C written no longer stay in cache between its passes).
+// Vectors of positions per block of the Lanes path (see LaneBlock): 4 below 16 classes, 2 up to
+// 32, from 32 classes runs of 512 bytes per class. On [8, C, 64, 64] a block's class rows lie
+// 16 KB apart. Measured on AVX2 (AMD EPYC, 8 lanes): 4 vectors are faster than 2 at C = 2
+// (forward 0.26 against 0.34 ms) and 10, slower at C = 100 (backward 9.6 against 4.8 ms: runs
+// of 128 bytes at that stride conflict in the caches). On AVX-512 (Xeon, 16 lanes), backward
+// at C = 100: 6.1 / 2.1 / 1.4 / 1.2 / 1.1 ms with runs of 64 / 128 / 256 / 512 / 1024 bytes,
+// forward best at 512 (0.64 against 0.90 ms at 128); at C = 32 and 64 512 also wins, at
+// C = 21 it is level. Softmax's lanes (softmax.cpp) found the same on AVX2: long runs stream.
 constexpr int kBlockVectors = 2, kBlockVectorsFewClasses = 4;
-constexpr int64_t kFewClasses = 16;
+constexpr int64_t kFewClasses = 16, kWideBlockClasses = 32;
+template <typename scalar_t>
+constexpr int wide_block_vectors =
+    std::max<int>(1, 512 / (AccVec<scalar_t>::size() * sizeof(acc_type<scalar_t>)));
 
 // Lanes in place needs the class dim strided while positions are adjacent in every operand.
 template <typename scalar_t>
@@ -136,7 +143,7 @@ struct Operands {
 // row's (capped) logits and t_row its probability target (nullptr for class indices),
 // each either in place (unit stride, no softcap) or in this thread's buffers. On the Lanes
 // path, groups of w * kVec adjacent positions go to block(r0, w * kVec, w) instead, w =
-// kBlockVectors(FewClasses) or 1 (std::integral_constant); on the Transposed path every
+// kBlockVectors(FewClasses), wide_block_vectors or 1 (std::integral_constant); on the Transposed path every
 // position goes to block(r0, rows, 1), rows <= kVec.
 template <typename scalar_t, typename Body, typename BlockBody>
 void for_each_position(const CrossEntropyProblem& p, const Operands<scalar_t>& ops, PositionPath path, const Body& body,
@@ -166,9 +173,8 @@ void for_each_position(const CrossEntropyProblem& p, const Operands<scalar_t>& o
     gather_capped(xr, p.xs.cls, softcap, C, buf.z.data());
     with_target(static_cast<const acc_t*>(buf.z.data()));
   };
-  const int64_t grain = std::max<int64_t>(1, kElementsPerTask / C);
   if (path == PositionPath::Rows) {
-    at::parallel_for(0, p.rows(), grain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, p.rows(), task_grain(p.rows(), C), [&](int64_t begin, int64_t end) {
       RowBuffers<acc_t>& buf = row_buffers<acc_t>(C);
       for (int64_t r = begin; r < end; ++r) visit(r, buf);
       stream_fence();  // streamed stores are visible before the task counts as done
@@ -178,7 +184,7 @@ void for_each_position(const CrossEntropyProblem& p, const Operands<scalar_t>& o
   constexpr std::integral_constant<int, 1> one_vector;
   if (path == PositionPath::Transposed) {
     const int64_t rows = p.rows(), blocks = (rows + kVec - 1) / kVec;
-    at::parallel_for(0, blocks, std::max<int64_t>(1, grain / kVec), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, blocks, task_grain(blocks, C * kVec), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) block(b * kVec, std::min(kVec, rows - b * kVec), one_vector);
     });
     return;
@@ -186,7 +192,7 @@ void for_each_position(const CrossEntropyProblem& p, const Operands<scalar_t>& o
   auto lanes = [&](auto wide) {
     constexpr int64_t kSpan = decltype(wide)::value * kVec;
     const int64_t blocks = (inner + kSpan - 1) / kSpan;
-    at::parallel_for(0, p.outer * blocks, std::max<int64_t>(1, grain / kSpan), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, p.outer * blocks, task_grain(p.outer * blocks, C * kSpan), [&](int64_t begin, int64_t end) {
       RowBuffers<acc_t>& buf = row_buffers<acc_t>(C);
       for (int64_t b = begin; b < end; ++b) {
         const int64_t o = b / blocks;
@@ -202,6 +208,7 @@ void for_each_position(const CrossEntropyProblem& p, const Operands<scalar_t>& o
     });
   };
   if (C < kFewClasses) return lanes(std::integral_constant<int, kBlockVectorsFewClasses>{});
+  if (C >= kWideBlockClasses) return lanes(std::integral_constant<int, wide_block_vectors<scalar_t>>{});
   lanes(std::integral_constant<int, kBlockVectors>{});
 }
 
@@ -451,11 +458,8 @@ struct LaneBlock {
     if (p.soft) return;
     // class_target_grad_at_target on vectors: g (a p - b) = g (1 - eps) w_y (p - 1) - g eps/C w_y
     // + g (a - (1 - eps) w_y) p, with p - 1 = expm1(z - lse) (no cancellation against the 1).
-    acc_t target_grad[kLanes];
-    int64_t valid = 0;  // bit l: lane l has a class index
     ALCHEMY_UNROLL
     for (int w = 0; w < W; ++w) {
-      valid |= static_cast<int64_t>(invalid[w].zero_mask()) << (w * K);
       const Vec z = z_y[w];
       const Vec below_one = fast_expm1((z - hi[w]) - lo[w]);
       Vec d = g[w] * (target_term[w] * below_one - spread * w_y[w]) + (va[w] - g[w] * target_term[w]) * (below_one + one);
@@ -463,10 +467,12 @@ struct LaneBlock {
         const Vec th = z * inv_cap;
         d = d * (one - th * th);
       }
-      d.store(target_grad + w * K);
+      acc_t target_grad[K];
+      d.store(target_grad);
+      const int valid = invalid[w].zero_mask();  // bit l: lane l has a class index
+      for (int l = 0; l < K; ++l)
+        if (valid >> l & 1) db[w * K + l + targets[w * K + l] * dcls] = static_cast<D>(target_grad[l]);
     }
-    for (int l = 0; l < kLanes; ++l)
-      if (valid >> l & 1) db[l + targets[l] * dcls] = static_cast<D>(target_grad[l]);
   }
 };
 

@@ -1,4 +1,5 @@
 #pragma once
+#include <algorithm>
 // Vectorized load/store/exp helpers for the CPU kernels. Every computation runs
 // in acc_t (float for fp32/bf16/fp16, double for fp64); at::vec is only
 // vectorized when the file is compiled with a CPU_CAPABILITY_* define, which
@@ -61,6 +62,31 @@ inline void store_acc(scalar_t* p, const acc_vec_t& v) {
 #endif
   } else {
     v.store(p);
+  }
+}
+
+// load_acc of the n < AccVec::size() elements at p (a row's tail), zeros in the other lanes: a
+// masked load on AVX-512, where a scalar tail of a short row would cost an exp per element.
+template <typename scalar_t>
+inline AccVec<scalar_t> load_acc(const scalar_t* p, int64_t n) {
+  if constexpr (is_reduced_float<scalar_t>) {
+    scalar_t padded[AccVec<scalar_t>::size()] = {};
+    std::copy_n(p, n, padded);
+    return load_acc(padded);
+  } else {
+    return AccVec<scalar_t>::loadu(p, n);
+  }
+}
+
+// store_acc of the first n < AccVec::size() lanes of v.
+template <typename scalar_t, typename acc_vec_t>
+inline void store_acc(scalar_t* p, const acc_vec_t& v, int64_t n) {
+  if constexpr (is_reduced_float<scalar_t>) {
+    scalar_t padded[acc_vec_t::size()];
+    store_acc(padded, v);
+    std::copy_n(padded, n, p);
+  } else {
+    v.store(p, n);
   }
 }
 
