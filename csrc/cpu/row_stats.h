@@ -2,6 +2,7 @@
 // One-read online-softmax statistics of a contiguous row, vectorized: shared by the
 // softmax and cross-entropy CPU kernels.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 
@@ -61,9 +62,10 @@ inline void stats_step(const scalar_t* x, SoftmaxStats<acc_type<scalar_t>>& stat
   vsum = vsum + v[0];
 }
 
-// Rows path: statistics of one contiguous row x[0..C).
+// Statistics of one contiguous row x[0..C) in one online pass: read once, but a rescale and a
+// cross-lane max every kVecsPerStep vectors.
 template <typename scalar_t>
-inline SoftmaxStats<acc_type<scalar_t>> row_stats(const scalar_t* x, int64_t C, acc_type<scalar_t> inv_t) {
+inline SoftmaxStats<acc_type<scalar_t>> online_row_stats(const scalar_t* x, int64_t C, acc_type<scalar_t> inv_t) {
   using acc_t = acc_type<scalar_t>;
   using Vec = AccVec<scalar_t>;
   constexpr int64_t kVec = Vec::size();
@@ -79,6 +81,52 @@ inline SoftmaxStats<acc_type<scalar_t>> row_stats(const scalar_t* x, int64_t C, 
     stats = accumulate(stats, tail, inv_t);
   }
   return stats;
+}
+
+// The max of a contiguous row (a NaN may be dropped: it reaches the sum through exp).
+template <typename scalar_t>
+inline acc_type<scalar_t> row_max(const scalar_t* x, int64_t C) {
+  using Vec = AccVec<scalar_t>;
+  constexpr int64_t kVec = Vec::size();
+  constexpr int kAcc = 4;  // independent maxima: one would serialize on the max latency
+  const Vec ninf(neg_inf<acc_type<scalar_t>>());
+  Vec vmax[kAcc] = {ninf, ninf, ninf, ninf};
+  int64_t c = 0;
+  for (; c + kAcc * kVec <= C; c += kAcc * kVec) {
+    ALCHEMY_UNROLL
+    for (int j = 0; j < kAcc; ++j) vmax[j] = running_max(vmax[j], load_acc(x + c + j * kVec));
+  }
+  for (; c + kVec <= C; c += kVec) vmax[0] = running_max(vmax[0], load_acc(x + c));
+  if (c < C) vmax[1] = running_max(vmax[1], Vec::set(ninf, load_acc(x + c, C - c), C - c));
+  return reduce_max(running_max(running_max(vmax[0], vmax[1]), running_max(vmax[2], vmax[3])));
+}
+
+// Rows path: statistics of one contiguous row x[0..C). A row of up to kTwoPassMaxBytes in two
+// passes, as ATen and Inductor do: the max (a plain streaming read, which the prefetchers keep
+// at memory speed), then the sum of exp((x - max) / T) from the core's cache; a longer row in
+// one online pass. Measured (Xeon, AVX-512, 2 MB L2 per core): cross_entropy forward fp32
+// [4096, 32000] 51 -> 29 ms (torch.compile 45), [64, 262144] 3.3 -> 2.8 ms; rows of 4 MB level.
+constexpr int64_t kTwoPassMaxBytes = int64_t(1) << 20;
+
+template <typename scalar_t>
+inline SoftmaxStats<acc_type<scalar_t>> row_stats(const scalar_t* x, int64_t C, acc_type<scalar_t> inv_t) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = AccVec<scalar_t>;
+  constexpr int64_t kVec = Vec::size();
+  if (C * static_cast<int64_t>(sizeof(scalar_t)) > kTwoPassMaxBytes) return online_row_stats(x, C, inv_t);
+  const acc_t max = row_max(x, C);
+  const Vec shift(finite_shift(max)), vinv(inv_t);
+  constexpr int kAcc = 2;  // independent sums
+  Vec vsum[kAcc] = {Vec(0), Vec(0)};
+  int64_t c = 0;
+  for (; c + kAcc * kVec <= C; c += kAcc * kVec) {
+    ALCHEMY_UNROLL
+    for (int j = 0; j < kAcc; ++j) vsum[j] += fast_exp((load_acc(x + c + j * kVec) - shift) * vinv);
+  }
+  for (; c + kVec <= C; c += kVec) vsum[0] += fast_exp((load_acc(x + c) - shift) * vinv);
+  if (c < C) vsum[1] += Vec::set(Vec(0), fast_exp((load_acc(x + c, C - c) - shift) * vinv), C - c);
+  const acc_t sum = reduce_sum(vsum[0] + vsum[1]);
+  return {std::isnan(sum) ? sum : max, sum};  // a NaN that row_max dropped is the max, as online
 }
 
 }  // namespace alchemy::cpu

@@ -20,29 +20,11 @@ namespace alchemy::cpu {
 namespace {
 
 // A softmax row in ATen's three passes: the max, then exp(x - max) into y with its sum, then
-// y / sum. One exp per element: the online statistics pass of log-softmax (below) followed by an
+// y / sum. One exp per element: the statistics (row_stats) followed by an
 // output pass would take two, and softmax is compute-bound here up to rows of 2^18 classes
 // (measured on AVX2: [64, 262144] 26.7 ms against 36.1 ms, [4096, 32000] 194 ms against 201 ms
 // for keeping the online pass's exps and rescaling them). The second and third passes mostly hit
 // the cache the first one filled.
-// The max of a contiguous row (a NaN may be dropped: it reaches the sum through exp).
-template <typename in_t>
-acc_type<in_t> row_max(const in_t* x, int64_t C) {
-  using Vec = AccVec<in_t>;
-  constexpr int64_t kVec = Vec::size();
-  constexpr int kAcc = 4;  // independent maxima: one would serialize on the max latency
-  const Vec ninf(neg_inf<acc_type<in_t>>());
-  Vec vmax[kAcc] = {ninf, ninf, ninf, ninf};
-  int64_t c = 0;
-  for (; c + kAcc * kVec <= C; c += kAcc * kVec) {
-    ALCHEMY_UNROLL
-    for (int j = 0; j < kAcc; ++j) vmax[j] = running_max(vmax[j], load_acc(x + c + j * kVec));
-  }
-  for (; c + kVec <= C; c += kVec) vmax[0] = running_max(vmax[0], load_acc(x + c));
-  if (c < C) vmax[1] = running_max(vmax[1], Vec::set(ninf, load_acc(x + c, C - c), C - c));
-  return reduce_max(running_max(running_max(vmax[0], vmax[1]), running_max(vmax[2], vmax[3])));
-}
-
 template <typename in_t>
 void softmax_row_three_pass(const in_t* x, acc_type<in_t>* y, int64_t C, acc_type<in_t> inv_t) {
   using acc_t = acc_type<in_t>;
@@ -73,32 +55,6 @@ void softmax_row_three_pass(const in_t* x, acc_type<in_t>* y, int64_t C, acc_typ
   if (tail > 0) (Vec::loadu(y + c, tail) * vinv_sum).store(y + c, tail);
 }
 
-// A row's max and sum for log-softmax: for a row that stays in cache (up to kLogTwoPassMaxClasses)
-// the max, then the sum of exp((x - max) / T), as ATen does; a longer row in one online pass
-// (row_stats), which reads it from memory once. The online pass rescales and reduces the max
-// across lanes every kVecsPerStep vectors: [64, 1000] 18.3 µs against ATen's 17.3.
-constexpr int64_t kLogTwoPassMaxClasses = 8192;
-
-template <typename in_t>
-SoftmaxStats<acc_type<in_t>> log_row_stats(const in_t* x, int64_t C, acc_type<in_t> inv_t) {
-  using acc_t = acc_type<in_t>;
-  using Vec = AccVec<in_t>;
-  constexpr int64_t kVec = Vec::size();
-  if (C > kLogTwoPassMaxClasses) return row_stats(x, C, inv_t);
-  const acc_t max = row_max(x, C);
-  const Vec shift(finite_shift(max)), vinv(inv_t);
-  constexpr int kAcc = 2;  // independent sums
-  Vec vsum[kAcc] = {Vec(0), Vec(0)};
-  int64_t c = 0;
-  for (; c + kAcc * kVec <= C; c += kAcc * kVec) {
-    ALCHEMY_UNROLL
-    for (int j = 0; j < kAcc; ++j) vsum[j] += fast_exp((load_acc(x + c + j * kVec) - shift) * vinv);
-  }
-  for (; c + kVec <= C; c += kVec) vsum[0] += fast_exp((load_acc(x + c) - shift) * vinv);
-  if (c < C) vsum[1] += Vec::set(Vec(0), fast_exp((load_acc(x + c, C - c) - shift) * vinv), C - c);
-  return {max, reduce_sum(vsum[0] + vsum[1])};
-}
-
 template <typename in_t, typename out_t, bool kLog>
 void forward_row(const in_t* x, out_t* y, int64_t C, acc_type<in_t> inv_t) {
   using acc_t = acc_type<in_t>;
@@ -106,7 +62,7 @@ void forward_row(const in_t* x, out_t* y, int64_t C, acc_type<in_t> inv_t) {
   constexpr int64_t kVec = Vec::size();
   if constexpr (kLog) {
     // The statistics, then y = (x - max) * inv_t - log(sum): no exp in the output pass.
-    const SoftmaxOutput<acc_t> k = output_constants(log_row_stats(x, C, inv_t));
+    const SoftmaxOutput<acc_t> k = output_constants(row_stats(x, C, inv_t));
     // A degenerate row has NaN constants, which the products below carry to every output.
     const Vec shift(k.shift), vinv(inv_t), neg_log_sum(-k.log_sum);
     int64_t c = 0;

@@ -5,7 +5,7 @@
 // can beat the current k-th best (after the first vectors of a random row, rarely). For larger k,
 // and for rows holding a NaN, nth_element on the row's indices in the exact order (NaN first),
 // then a sort of the k selected. The full-row
-// softmax statistics (renormalize=False) come from the vectorized online pass of row_stats.h.
+// softmax statistics (renormalize=False) come from row_stats of row_stats.h.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
