@@ -462,7 +462,8 @@ struct LaneBlock {
     for (int w = 0; w < W; ++w) {
       const Vec z = z_y[w];
       const Vec below_one = fast_expm1((z - hi[w]) - lo[w]);
-      Vec d = g[w] * (target_term[w] * below_one - spread * w_y[w]) + (va[w] - g[w] * target_term[w]) * (below_one + one);
+      Vec d = g[w] * (target_term[w] * below_one - spread * w_y[w]) +
+              (va[w] - g[w] * target_term[w]) * (below_one + one);
       if (cfg.softcap > 0) {
         const Vec th = z * inv_cap;
         d = d * (one - th * th);

@@ -1,6 +1,6 @@
 #pragma once
-// One-read online-softmax statistics of a contiguous row, vectorized: shared by the
-// softmax and cross-entropy CPU kernels.
+// Softmax statistics (max and sum of exps) of a contiguous row, vectorized, and the parallel
+// grain of the row kernels: shared by the softmax and cross-entropy CPU kernels.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>

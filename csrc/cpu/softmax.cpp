@@ -326,8 +326,8 @@ void for_each_row(const RowPlan<N>& plan, const RowFn& row, const LanesFn& lanes
     return;
   }
   constexpr int64_t kSpan = kWide * kVec;
-  const int64_t blocks = (g.inner + kSpan - 1) / kSpan;
-  at::parallel_for(0, g.outer * blocks, task_grain(g.outer * blocks, work_per_row * kSpan), [&](int64_t begin, int64_t end) {
+  const int64_t blocks = (g.inner + kSpan - 1) / kSpan, tasks = g.outer * blocks;
+  at::parallel_for(0, tasks, task_grain(tasks, work_per_row * kSpan), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t o = t / blocks;
       int64_t i = (t % blocks) * kSpan;
